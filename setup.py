@@ -1,0 +1,40 @@
+"""viq_megatron: a Megatron-Core trainer for ViQ discrete visual tokenizers.
+
+Install with `bash tools/bootstrap.sh` (it handles the CPU torch build and the
+Python 3.11 megatron-core wheel); `pip install -e .[gpu]` on a CUDA cluster.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="viq_megatron",
+    version="0.1.0",
+    description="ViQ: text-aligned visual quantized representations at any resolution, on Megatron-Core",
+    packages=find_packages(include=["viq_megatron", "viq_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned by the bootstrap (CPU build) or comes with the GPU container.
+        "torch>=2.6",
+        # 0.19.2 declares Python>=3.12 but its cp311 wheel works: the bootstrap
+        # installs it with --ignore-requires-python on 3.11.
+        "megatron-core==0.19.2",
+        "numpy>=1.26",
+        "packaging>=24.2",
+        "psutil>=5.9",  # megatron.core.dist_checkpointing
+        "pyyaml>=6.0",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "transformers>=4.50",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+    ],
+    extras_require={
+        # import megatron.core needs triton; a CUDA torch brings its own.
+        "cpu": ["triton==3.8.0"],
+        # Clusters: NGC containers ship torch, TE and apex already.
+        "gpu": ["transformer-engine[pytorch]"],
+        # The embedded default data: real photos that ship inside these packages.
+        "data": ["scikit-image>=0.22", "scikit-learn>=1.4", "matplotlib>=3.8"],
+        "test": ["pytest>=8.0"],
+    },
+)

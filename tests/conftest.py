@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import viq_megatron  # noqa: F401  (probes GPU extras before megatron.core loads)
+from viq_megatron.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(*overrides: str):
+    """A small encoder for fast CPU tests."""
+    return load_config(None, [
+        "model.encoder.hidden_size=64", "model.encoder.num_layers=2", "model.encoder.num_attention_heads=4",
+        "model.encoder.ffn_hidden_size=128", "model.encoder.position_embedding_size=8",
+        "model.params_dtype=float32", "data.image.min_pixels=256", "data.image.max_pixels=65536",
+        "data.tokens_per_pack=1024", *overrides])
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """A single-process gloo world with Megatron-Core groups (TP=1), shared by in-process tests."""
+    from viq_megatron.runtime.distributed import initialize, shutdown
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    initialize(tiny_config().parallel, seed=1234, environ=env)
+    yield
+    shutdown()
+
+
+def torchrun(script: Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs a worker script under torchrun on CPU (gloo); fails the test with its output on error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-port=0", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        pytest.fail(f"torchrun {script.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def make_image(path: Path, size=(64, 48), mode="RGB", seed=0, **save_kwargs) -> Path:
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, **save_kwargs)
+    return path
+
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,221 @@
+"""One config tree for every job: dataclasses loaded from YAML, validated, overridable.
+
+    cfg = load_config("examples/encoder_tiny_cpu.yaml", ["parallel.tensor_model_parallel_size=2"])
+
+An unknown key, a wrong type or a bad value is a `ConfigError` whose one line names
+the file (or "command line") and the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line configuration error naming its source and key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class EncoderConfig:
+    """Native-resolution ViT; the defaults are SigLIP2-SO400M/16."""
+
+    patch_size: int = 16
+    hidden_size: int = 1152
+    num_layers: int = 27
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 4304
+    # Side of the learned absolute position grid; it is resized to each image's grid.
+    position_embedding_size: int = 16
+    layernorm_epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "ffn_hidden_size", "position_embedding_size"):
+            _require(getattr(self, name) > 0, name, "must be positive")
+        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # auto: Transformer Engine layers when TE imports (CUDA), Megatron-Core local layers otherwise.
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    # auto: bfloat16 on CUDA, float32 on CPU.
+    params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+@dataclass
+class ImageConfig:
+    """Native-resolution rules: keep the aspect ratio, fit a pixel budget, snap to the patch grid."""
+
+    min_pixels: int = 64 * 64
+    max_pixels: int = 1024 * 1024
+    # Larger sources are refused before decoding (decompression bombs, absurd strips).
+    max_source_pixels: int = 178_956_970
+    max_aspect_ratio: float = 200.0
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def __post_init__(self) -> None:
+        _require(self.min_pixels > 0, "min_pixels", "must be positive")
+        _require(self.max_pixels >= self.min_pixels, "max_pixels",
+                 f"{self.max_pixels} is below min_pixels={self.min_pixels}")
+        _require(self.max_source_pixels >= self.max_pixels, "max_source_pixels",
+                 "must be at least max_pixels")
+        _require(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be >= 1")
+        _require(len(self.mean) == 3 and len(self.std) == 3, "mean", "mean and std need 3 values (RGB)")
+        _require(all(s > 0 for s in self.std), "std", "must be positive")
+
+
+@dataclass
+class DataConfig:
+    # Image files or folders; empty means the photos that ship inside installed packages.
+    images: list[str] = field(default_factory=list)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    # Patch tokens per packed encoder sequence.
+    tokens_per_pack: int = 4096
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
+        _require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
+
+
+@dataclass
+class BenchmarkConfig:
+    warmup_passes: int = 1
+    timed_passes: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        patch = self.model.encoder.patch_size
+        largest_image = self.data.image.max_pixels // (patch * patch)
+        _require(self.data.tokens_per_pack >= largest_image, "data.tokens_per_pack",
+                 f"{self.data.tokens_per_pack} cannot hold the largest image "
+                 f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})")
+        _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
+                 "parallel.tensor_model_parallel_size",
+                 f"{self.parallel.tensor_model_parallel_size} does not divide "
+                 f"model.encoder.num_attention_heads={self.model.encoder.num_attention_heads}")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (safe loading) + `key.sub=value` overrides -> validated `Config`."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    overridden = [_apply_override(data, item) for item in overrides or []]
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        key = str(e).split(":", 1)[0]
+        blame = "command line" if any(key.startswith(k) for k in overridden) else source
+        raise ConfigError(f"{blame}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> str:
+    """Sets `key.sub=value` (value parsed as YAML) in the raw dict; returns the key."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command line: '{item}' is not key=value")
+    cls: Any = Config
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            raise ConfigError(f"command line: {'.'.join(parts[:i + 1])}: unknown key")
+        cls = typing.get_type_hints(cls)[part]
+        if i < len(parts) - 1:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: {'.'.join(parts[:i + 1])}: is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+    return key
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<top>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")

@@ -1,0 +1,147 @@
+"""Native-resolution images: decode, size to the patch grid, patchify.
+
+An image keeps its aspect ratio. It is scaled only to fit the [min_pixels, max_pixels]
+budget, and each side is snapped to a multiple of the patch size. Anything that cannot
+be read is an `ImageError` whose one line names the file and the problem.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from viq_megatron.config import ImageConfig
+
+ImageSource = Union[str, os.PathLike, Image.Image]
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is one line naming the file."""
+
+
+@dataclass
+class NativeImage:
+    """One image cut into patches at its native-resolution size."""
+
+    patches: torch.Tensor  # [grid_h * grid_w, patch * patch * 3], row-major over the grid
+    grid: tuple[int, int]  # (grid_h, grid_w) in patches
+    source: str
+    source_size: tuple[int, int]  # (width, height) after EXIF orientation, before resizing
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def native_size(width: int, height: int, patch: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) with the aspect ratio kept, area in [min_pixels, max_pixels] where the
+    patch grid allows, each side a positive multiple of `patch`."""
+    def snap(side: float, rounding) -> int:
+        return max(patch, int(rounding(side / patch)) * patch)
+
+    w, h = snap(width, round), snap(height, round)
+    if w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        w, h = snap(width * scale, math.floor), snap(height * scale, math.floor)
+    elif w * h < min_pixels:
+        scale = math.sqrt(min_pixels / (width * height))
+        w, h = snap(width * scale, math.ceil), snap(height * scale, math.ceil)
+    return w, h
+
+
+def open_rgb(source: ImageSource, rules: ImageConfig) -> Image.Image:
+    """Decodes a file (or takes a PIL image) to RGB with its EXIF orientation applied."""
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"{name}: absurd size (over PIL's decompression-bomb limit)") from None
+        except OSError as e:
+            raise ImageError(f"{name}: truncated or corrupt image data ({e})") from None
+    width, height = image.size
+    if width * height > rules.max_source_pixels:
+        raise ImageError(f"{name}: absurd size {width}x{height} (over {rules.max_source_pixels} pixels)")
+    if max(width, height) > rules.max_aspect_ratio * min(width, height):
+        raise ImageError(f"{name}: absurd size {width}x{height} (aspect ratio over {rules.max_aspect_ratio:g})")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{name}: truncated or corrupt image data ({e})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: PIL's convert("RGB") clips at 255 instead of rescaling.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Composite transparency onto white, the common viewer convention.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def patchify(image: Image.Image, patch: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """RGB image whose sides are multiples of `patch` -> [grid_h * grid_w, patch * patch * 3],
+    each patch flattened as (row, column, channel)."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # [H, W, 3]
+    array = (array - torch.tensor(mean)) / torch.tensor(std)
+    height, width, _ = array.shape
+    grid_h, grid_w = height // patch, width // patch
+    return (array.reshape(grid_h, patch, grid_w, patch, 3)
+            .permute(0, 2, 1, 3, 4)
+            .reshape(grid_h * grid_w, patch * patch * 3))
+
+
+def load_native_image(source: ImageSource, rules: ImageConfig, patch: int) -> NativeImage:
+    """Decode, resize to the native-resolution grid, patchify."""
+    image = open_rgb(source, rules)
+    source_size = image.size
+    width, height = native_size(image.width, image.height, patch, rules.min_pixels, rules.max_pixels)
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    patches = patchify(image, patch, rules.mean, rules.std)
+    return NativeImage(patches, (height // patch, width // patch), _describe(source), source_size)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def find_images(entries: list[str]) -> list[Path]:
+    """Files as listed; folders expanded to their image files (recursively, sorted)."""
+    paths: list[Path] = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            paths.append(path)  # a missing file is reported when it is loaded
+    return paths
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<PIL image>"
+    return str(source)

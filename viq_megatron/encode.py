@@ -1,0 +1,119 @@
+"""Encode images at native resolution with the ViT encoder, tensor-parallel.
+
+    torchrun --nproc-per-node 2 -m viq_megatron.encode --config examples/encoder_tiny_cpu.yaml
+
+Prints each image's native-resolution patch grid and a throughput line. Images are
+packed into sequences of `data.tokens_per_pack` patches; packs are split over the
+data-parallel ranks, and each pack is encoded by its tensor-parallel group.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from viq_megatron.config import Config, ConfigError, load_config
+from viq_megatron.data.embedded import shipped_photos
+from viq_megatron.data.images import ImageError, NativeImage, find_images, load_native_image
+from viq_megatron.data.packing import PackedImages, greedy_pack
+from viq_megatron.models.specs import resolve_transformer_impl
+from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
+from viq_megatron.runtime.distributed import initialize, is_main_process, shutdown
+
+log = logging.getLogger("viq_megatron.encode")
+
+
+def params_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def build_encoder(cfg: Config) -> tuple[NativeResolutionViT, str]:
+    impl = resolve_transformer_impl(cfg.model.transformer_impl)
+    config = encoder_transformer_config(cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
+                                        params_dtype(cfg.model.params_dtype), impl)
+    encoder = NativeResolutionViT(cfg.model.encoder, config, impl)
+    return (encoder.cuda() if torch.cuda.is_available() else encoder), impl
+
+
+def load_images(cfg: Config) -> tuple[list[NativeImage], list[str]]:
+    """All readable images, and one line per image that was skipped."""
+    paths = find_images(cfg.data.images) if cfg.data.images else shipped_photos()
+    images, skipped = [], []
+    for path in paths:
+        try:
+            images.append(load_native_image(path, cfg.data.image, cfg.model.encoder.patch_size))
+        except ImageError as e:
+            skipped.append(str(e))
+    return images, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron.core import parallel_state
+
+    initialize(cfg.parallel, cfg.seed)
+    encoder, impl = build_encoder(cfg)
+    encoder.eval()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = params_dtype(cfg.model.params_dtype)
+
+    images, skipped = load_images(cfg)
+    for line in skipped:
+        log.warning("skipped %s", line)
+    packs = greedy_pack([im.num_patches for im in images], cfg.data.tokens_per_pack)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    my_packs = [PackedImages.from_images([images[i] for i in pack]).to(device, dtype)
+                for pack in packs[dp_rank::dp_size]]
+    if is_main_process():
+        for im in images:
+            (w, h), (gh, gw) = im.source_size, im.grid
+            log.info("%-28s %5dx%-5d -> %5dx%-5d grid %3dx%-3d (%d patches)", im.source.split("/")[-1],
+                     w, h, gw * cfg.model.encoder.patch_size, gh * cfg.model.encoder.patch_size, gh, gw,
+                     im.num_patches)
+        log.info("%d images in %d packs of <= %d patches; %d skipped", len(images), len(packs),
+                 cfg.data.tokens_per_pack, len(skipped))
+
+    def encode_all() -> None:
+        for pack in my_packs:
+            encoder(pack)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for _ in range(cfg.benchmark.warmup_passes):
+            encode_all()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(cfg.benchmark.timed_passes):
+            encode_all()
+        dist.barrier()
+        seconds = (time.perf_counter() - start) / max(cfg.benchmark.timed_passes, 1)
+
+    patches = sum(im.num_patches for im in images)
+    if is_main_process():
+        log.info("throughput: %.0f patches/s, %.2f images/s (%.3f s per pass; tp=%d dp=%d, %s, %s layers, %s)",
+                 patches / seconds, len(images) / seconds, seconds, cfg.parallel.tensor_model_parallel_size,
+                 dp_size, str(dtype).removeprefix("torch."), impl, device.type)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

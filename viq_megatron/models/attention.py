@@ -1,0 +1,94 @@
+"""Core attention over packed sequences with torch's scaled_dot_product_attention.
+
+Fills Megatron-Core's `core_attention` slot where Transformer Engine's packed (thd)
+attention is unavailable: every CPU run, and GPUs without TE. Megatron's local
+`DotProductAttention` rejects `PackedSeqParams` outright.
+
+Each sequence of the pack gets its own SDPA call, not one call with a block-diagonal
+mask over the whole pack: no work is spent on masked-out blocks, and a sequence's
+output does not depend on its neighbours, bit for bit (the property that makes an
+image's codes independent of what it was packed with).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+class PackedSDPAttention(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("PackedSDPAttention does not support context parallelism; use Transformer Engine")
+        tp_size = tensor_parallel.get_tensor_model_parallel_world_size() if pg_collection is None \
+            else pg_collection.tp.size()
+        self.num_heads = divide(config.num_attention_heads, tp_size)
+        self.num_query_groups = divide(config.num_query_groups or config.num_attention_heads, tp_size)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [..., heads, L, d], k/v [..., groups, L, d] -> [..., heads, L, d]."""
+        if self.num_query_groups != self.num_heads:
+            repeat = self.num_heads // self.num_query_groups
+            k = k.repeat_interleave(repeat, dim=-3)
+            v = v.repeat_interleave(repeat, dim=-3)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0:
+            # Heads are split over tensor-parallel ranks: each rank needs its own dropout stream.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                      is_causal=causal and mask is None, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=self.softmax_scale)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("PackedSDPAttention does not take an attention bias")
+        causal = (attn_mask_type or self.attn_mask_type) in _CAUSAL
+        if packed_seq_params is not None:
+            # thd: query [tokens, heads, d]; one SDPA call per sequence.
+            bounds = packed_seq_params.cu_seqlens_q.tolist()
+            outputs = [
+                self._attend(query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1),
+                             causal).transpose(0, 1)
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ]
+            return torch.cat(outputs).reshape(query.shape[0], -1)
+        # sbhd: [seq, batch, heads, d]; Megatron's mask is True where attention is *not* allowed.
+        mask = None if attention_mask is None else ~attention_mask
+        out = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+                           causal, mask)
+        seq, batch = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

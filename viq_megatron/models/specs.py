@@ -1,0 +1,70 @@
+"""Layer specs: which class fills each slot of a Megatron-Core TransformerLayer.
+
+Two fillers for the attention slot, chosen once per model:
+- Transformer Engine (`TEDotProductAttention`, fused LayerNorm-linears): packed (thd)
+  attention and FP8 on GPUs where TE is installed;
+- local: Megatron-Core's parallel linears and torch norms, with `PackedSDPAttention`,
+  which takes packed sequences on CPU and on GPUs without TE.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from viq_megatron import GPU_EXTRAS
+from viq_megatron.config import ConfigError
+from viq_megatron.models.attention import PackedSDPAttention
+
+log = logging.getLogger(__name__)
+_said_local = False
+
+
+def resolve_transformer_impl(requested: str) -> str:
+    """'auto' -> 'transformer_engine' when TE imports, else 'local' (said once in the log)."""
+    global _said_local
+    if requested == "transformer_engine" and not GPU_EXTRAS["transformer_engine"]:
+        raise ConfigError("model.transformer_impl: transformer_engine requested, but Transformer Engine "
+                          "is not installed or not usable here (it needs CUDA); use 'auto' or 'local'")
+    if requested == "auto":
+        requested = "transformer_engine" if GPU_EXTRAS["transformer_engine"] else "local"
+        if requested == "local" and not _said_local:
+            log.info("Transformer Engine not available: using Megatron-Core local layers")
+            _said_local = True
+    return requested
+
+
+def bidirectional_layer_spec(impl: str) -> ModuleSpec:
+    """A pre-norm transformer layer with no attention mask (ViT encoder, quantization head)."""
+    if impl == "transformer_engine":
+        from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
+
+        return get_vit_layer_with_transformer_engine_spec()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=PackedSDPAttention,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,95 @@
+"""Native-resolution ViT encoder on Megatron-Core (SigLIP2-style, NaFlex-like).
+
+patches [T, p*p*3] --linear--> + learned position grid resized to each image's grid
+--> TransformerBlock over the packed sequence (attention stays within each image)
+--> final LayerNorm --> one token per patch [T, hidden].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from viq_megatron.config import EncoderConfig
+from viq_megatron.data.packing import PackedImages
+from viq_megatron.models.specs import bidirectional_layer_spec
+
+# MKL computes a matmul of few rows through another kernel than a large one, so a
+# short sequence alone would round differently than inside a pack. Padding every pack
+# to a multiple of this many rows keeps each image's result independent of the pack.
+ROW_BLOCK = 64
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
+                               impl: str) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        transformer_impl="transformer_engine" if impl == "transformer_engine" else "local",
+    )
+
+
+class NativeResolutionViT(MegatronModule):
+    def __init__(self, cfg: EncoderConfig, config: TransformerConfig, impl: str):
+        super().__init__(config=config)
+        self.patch_size = cfg.patch_size
+        self.position_grid = cfg.position_embedding_size
+        # Small, replicated on every tensor-parallel rank (same seed, same all-reduced grads).
+        self.patch_embedding = torch.nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, dtype=config.params_dtype)
+        self.position_embedding = torch.nn.Parameter(
+            torch.randn(self.position_grid ** 2, cfg.hidden_size, dtype=config.params_dtype) * 0.02)
+        self.transformer = TransformerBlock(config, bidirectional_layer_spec(impl), post_layer_norm=True)
+
+    def position_embeddings(self, grids: torch.Tensor) -> torch.Tensor:
+        """The learned square grid bilinearly resized (antialiased) to each image's (h, w) grid."""
+        side = self.position_grid
+        table = self.position_embedding.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        out = []
+        for grid_h, grid_w in grids.tolist():
+            resized = F.interpolate(table, size=(grid_h, grid_w), mode="bilinear", align_corners=False,
+                                    antialias=True)
+            out.append(resized[0].permute(1, 2, 0).reshape(grid_h * grid_w, -1))
+        return torch.cat(out).to(self.position_embedding.dtype)
+
+    def forward(self, images: PackedImages) -> torch.Tensor:
+        """PackedImages -> [total_patches, hidden], one token per patch, images in pack order."""
+        tokens = images.num_tokens
+        padded = -(-tokens // ROW_BLOCK) * ROW_BLOCK
+        rows = (0, 0, 0, padded - tokens)
+        hidden = self.patch_embedding(F.pad(images.patches, rows)) + F.pad(self.position_embeddings(images.grids), rows)
+        # The padding rows form one extra sequence of their own, so every attention backend
+        # sees a pack whose sequences cover it exactly.
+        bounds = images.cu_seqlens.tolist() + ([padded] if padded > tokens else [])
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=hidden.device)
+        max_seqlen = max(images.max_seqlen, padded - tokens)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                 max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+        out = self.transformer(hidden_states=hidden.unsqueeze(1), attention_mask=None, packed_seq_params=packed)
+        return out.squeeze(1)[:tokens]

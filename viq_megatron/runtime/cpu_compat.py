@@ -1,0 +1,99 @@
+"""Lets megatron-core run without CUDA: one table of patches, applied only when CUDA is absent.
+
+megatron-core names CUDA in places that mean "the current device" rather than "a GPU":
+a `device=torch.cuda.current_device()` argument, `torch.cuda.synchronize()` around
+collectives, `.cuda()` on tensors that are already where they belong, and the RNG
+tracker that forks the CUDA generator so tensor-parallel ranks draw different dropout
+masks. On a CPU-only machine each patch gives the call its CPU meaning; the RNG
+tracker then tracks the CPU generator, with the same seeds and the same fork
+semantics. With CUDA present `activate()` does nothing, so a GPU run is untouched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Patch:
+    owner: Any
+    name: str
+    replacement: Callable[..., Any]
+    why: str
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _stay_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+def _get_cpu_rng_state(*args: Any, clone: bool = False, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()  # already a copy
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+class _DropForkWarning(logging.Filter):
+    """The tracker warns when the CPU generator moves inside a fork; on CPU that generator
+    *is* the forked one, so the warning fires on every dropout and means nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("CPU RNG state changed within GPU RNG context")
+
+
+def _patches() -> list[Patch]:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    return [
+        Patch(torch.cuda, "current_device", _cpu_device,
+              "used as a device argument when creating tensors and buffers"),
+        Patch(torch.cuda, "synchronize", _no_op, "CPU work is already synchronous"),
+        Patch(torch.Tensor, "cuda", _stay_on_cpu, "optimizer/checkpoint code moves state 'to the GPU'"),
+        Patch(torch.cuda, "get_rng_state", _get_cpu_rng_state, "RNG tracker: read the generator"),
+        Patch(torch.cuda, "manual_seed", torch.manual_seed, "RNG tracker: seed the generator"),
+        Patch(mp_random, "_get_cuda_rng_state", _get_cpu_rng_state, "RNG tracker fork: save the state"),
+        Patch(mp_random, "_set_cuda_rng_state", _set_cpu_rng_state, "RNG tracker fork: restore the state"),
+    ]
+
+
+_originals: list[tuple[Any, str, Any]] = []
+_fork_warning_filter = _DropForkWarning()
+
+
+def is_active() -> bool:
+    return bool(_originals)
+
+
+def activate() -> bool:
+    """Applies the patches when CUDA is absent; returns whether they are active."""
+    if torch.cuda.is_available() or is_active():
+        return is_active()
+    for patch in _patches():
+        _originals.append((patch.owner, patch.name, getattr(patch.owner, patch.name)))
+        setattr(patch.owner, patch.name, patch.replacement)
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_fork_warning_filter)
+    return True
+
+
+def deactivate() -> None:
+    """Restores every patched attribute (tests and the overhead benchmark use this)."""
+    while _originals:
+        owner, name, original = _originals.pop()
+        setattr(owner, name, original)
+    logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(_fork_warning_filter)
+
+
+def patched_names() -> list[str]:
+    return [f"{getattr(p.owner, '__name__', p.owner)}.{p.name}" for p in _patches()]

@@ -1,0 +1,56 @@
+"""Optional GPU extras (Transformer Engine, NVIDIA apex), probed once before megatron-core loads.
+
+megatron-core probes them with `try: import ... except ImportError`, so a partial TE
+install (wrapper without CUDA libraries) breaks `import megatron.core`, and PyPI's
+unrelated `apex` silently switches its LayerNorm. We import each for real and, when it
+is not usable, make it look absent by putting None in `sys.modules`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import torch
+
+# The module whose successful import proves the extra usable.
+_PROBES = {
+    "transformer_engine": "transformer_engine.pytorch",
+    "apex": "apex.normalization",  # NVIDIA apex; PyPI's apex has no such module
+}
+
+
+def _usable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - a broken extra fails in many ways (OSError, RuntimeError, ...)
+        return False
+
+
+def _hide(package: str) -> None:
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+    sys.modules[package] = None  # type: ignore[assignment]  # `import package` now raises ImportError
+
+
+def probe_gpu_extras() -> dict[str, bool]:
+    """{'transformer_engine': bool, 'apex': bool}; unusable ones are hidden from megatron-core."""
+    if "megatron.core" in sys.modules:
+        warnings.warn("megatron.core was imported before viq_megatron: a broken TE or apex may already "
+                      "have been picked up by it", stacklevel=2)
+    cuda = torch.cuda.is_available()
+    found = {}
+    for package, probe in _PROBES.items():
+        found[package] = cuda and _usable(probe)
+        if not found[package]:
+            _hide(package)
+    return found
+
+
+GPU_EXTRAS = probe_gpu_extras()
+if not any(GPU_EXTRAS.values()):
+    # megatron-core repeats this at several imports; we say it once where layers are chosen.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+# megatron-core 0.19's own TransformerConfig default triggers this deprecation on every model.
+warnings.filterwarnings("ignore", message="full scope is deprecated")
