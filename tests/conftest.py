@@ -12,13 +12,17 @@ from viq_megatron.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TINY = [
+    "model.encoder.hidden_size=64", "model.encoder.num_layers=2", "model.encoder.num_attention_heads=4",
+    "model.encoder.ffn_hidden_size=128", "model.encoder.position_embedding_size=8",
+    "model.params_dtype=float32", "data.image.min_pixels=256", "data.image.max_pixels=65536",
+    "data.tokens_per_pack=1024",
+]
+
+
 def tiny_config(*overrides: str):
     """A small encoder for fast CPU tests."""
-    return load_config(None, [
-        "model.encoder.hidden_size=64", "model.encoder.num_layers=2", "model.encoder.num_attention_heads=4",
-        "model.encoder.ffn_hidden_size=128", "model.encoder.position_embedding_size=8",
-        "model.params_dtype=float32", "data.image.min_pixels=256", "data.image.max_pixels=65536",
-        "data.tokens_per_pack=1024", *overrides])
+    return load_config(None, [*TINY, *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +36,16 @@ def megatron_world():
     shutdown()
 
 
-def torchrun(script: Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs a worker script under torchrun on CPU (gloo); fails the test with its output on error."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-port=0", str(script), *args]
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `torchrun --nproc-per-node nproc ARGS` on CPU (gloo); fails the test with its output on error."""
+    from viq_megatron.runtime.distributed import launch_env
+
+    port = launch_env({}).master_port  # a free local port
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if result.returncode != 0:
-        pytest.fail(f"torchrun {script.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        pytest.fail(f"torchrun {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
 
 

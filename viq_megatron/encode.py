@@ -20,9 +20,10 @@ from viq_megatron.config import Config, ConfigError, load_config
 from viq_megatron.data.embedded import shipped_photos
 from viq_megatron.data.images import ImageError, NativeImage, find_images, load_native_image
 from viq_megatron.data.packing import PackedImages, greedy_pack
+from viq_megatron.models.flops import peak_flops, vit_forward_flops
 from viq_megatron.models.specs import resolve_transformer_impl
 from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
-from viq_megatron.runtime.distributed import initialize, is_main_process, shutdown
+from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
 
 log = logging.getLogger("viq_megatron.encode")
 
@@ -58,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron.core import parallel_state
 
-    initialize(cfg.parallel, cfg.seed)
+    setup_logging(initialize(cfg.parallel, cfg.seed).rank)
     encoder, impl = build_encoder(cfg)
     encoder.eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -107,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds = (time.perf_counter() - start) / max(cfg.benchmark.timed_passes, 1)
 
     patches = sum(im.num_patches for im in images)
+    world = dist.get_world_size()
+    flops = vit_forward_flops(cfg.model.encoder, [im.num_patches for im in images]) / seconds / world
+    peak = peak_flops(device)
     if is_main_process():
-        log.info("throughput: %.0f patches/s, %.2f images/s (%.3f s per pass; tp=%d dp=%d, %s, %s layers, %s)",
-                 patches / seconds, len(images) / seconds, seconds, cfg.parallel.tensor_model_parallel_size,
+        log.info("throughput: %.0f patches/s, %.2f images/s, %.2f TFLOP/s per device%s "
+                 "(%.3f s per pass; tp=%d dp=%d, %s, %s layers, %s)",
+                 patches / seconds, len(images) / seconds, flops / 1e12,
+                 f", MFU {flops / peak:.1%}" if peak else "", seconds, cfg.parallel.tensor_model_parallel_size,
                  dp_size, str(dtype).removeprefix("torch."), impl, device.type)
     shutdown()
     return 0

@@ -83,7 +83,9 @@ class NativeResolutionViT(MegatronModule):
         tokens = images.num_tokens
         padded = -(-tokens // ROW_BLOCK) * ROW_BLOCK
         rows = (0, 0, 0, padded - tokens)
-        hidden = self.patch_embedding(F.pad(images.patches, rows)) + F.pad(self.position_embeddings(images.grids), rows)
+        weight = self.patch_embedding.weight
+        patches = F.pad(images.patches.to(device=weight.device, dtype=weight.dtype), rows)
+        hidden = self.patch_embedding(patches) + F.pad(self.position_embeddings(images.grids), rows)
         # The padding rows form one extra sequence of their own, so every attention backend
         # sees a pack whose sequences cover it exactly.
         bounds = images.cu_seqlens.tolist() + ([padded] if padded > tokens else [])

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -84,7 +85,8 @@ def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] |
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            # torchrun's agent already serves a store at MASTER_PORT: join it rather than bind the port.
+            init_method="env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -95,6 +97,11 @@ def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] |
     # Same default stream on every rank; a distinct stream per tensor-parallel rank.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env
+
+
+def setup_logging(rank: int) -> None:
+    """Console logging: everything from the first process, only errors from the others."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
 
 
 def shutdown() -> None:

@@ -49,6 +49,8 @@ def probe_gpu_extras() -> dict[str, bool]:
 
 
 GPU_EXTRAS = probe_gpu_extras()
+if not torch.cuda.is_available():
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
 if not any(GPU_EXTRAS.values()):
     # megatron-core repeats this at several imports; we say it once where layers are chosen.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

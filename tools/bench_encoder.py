@@ -1,0 +1,94 @@
+"""Packed native-resolution encoding vs the usual pad-every-image-to-the-largest batch.
+
+    .venv/bin/python tools/bench_encoder.py [--config examples/encoder_tiny_cpu.yaml] [key=value ...]
+
+Both paths run the same encoder weights on the same images (the embedded photo mix by
+default) in one process, alternating, and count only real (non-padding) patches.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import viq_megatron  # noqa: F401
+from viq_megatron.config import load_config
+from viq_megatron.data.packing import PackedImages, greedy_pack
+from viq_megatron.encode import build_encoder, load_images, params_dtype
+from viq_megatron.runtime.distributed import initialize, shutdown
+
+
+def padded_forward(encoder, images, device, dtype) -> torch.Tensor:
+    """One batch, every image zero-padded to the largest; padding keys masked out of attention."""
+    longest = max(im.num_patches for im in images)
+    patches = torch.stack([F.pad(im.patches, (0, 0, 0, longest - im.num_patches)) for im in images])
+    positions = [encoder.position_embeddings(torch.tensor([im.grid])) for im in images]
+    positions = torch.stack([F.pad(p, (0, 0, 0, longest - p.shape[0])) for p in positions])
+    hidden = encoder.patch_embedding(patches.to(device, dtype)) + positions
+    is_pad = torch.arange(longest, device=device)[None, :] >= torch.tensor(
+        [im.num_patches for im in images], device=device)[:, None]
+    mask = is_pad[:, None, None, :].expand(-1, 1, longest, -1)  # True = masked, Megatron's convention
+    return encoder.transformer(hidden_states=hidden.transpose(0, 1).contiguous(), attention_mask=mask)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="examples/encoder_tiny_cpu.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, ["parallel.tensor_model_parallel_size=1", *args.overrides])
+    initialize(cfg.parallel, cfg.seed)
+    encoder, impl = build_encoder(cfg)
+    encoder.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = params_dtype(cfg.model.params_dtype)
+    images, skipped = load_images(cfg)
+    packs = [PackedImages.from_images([images[i] for i in pack]).to(device, dtype)
+             for pack in greedy_pack([im.num_patches for im in images], cfg.data.tokens_per_pack)]
+    real = sum(im.num_patches for im in images)
+    longest = max(im.num_patches for im in images)
+    # The padded batch holds as many padded slots as fit the same token budget per forward.
+    per_batch = max(1, cfg.data.tokens_per_pack // longest)
+    batches = [images[i:i + per_batch] for i in range(0, len(images), per_batch)]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_packed():
+        for pack in packs:
+            encoder(pack)
+
+    def run_padded():
+        for batch in batches:
+            padded_forward(encoder, batch, device, dtype)
+
+    times = {"packed": [], "padded": []}
+    with torch.no_grad():
+        run_packed(), run_padded()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("packed", run_packed), ("padded", run_padded)):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    packed_s, padded_s = statistics.median(times["packed"]), statistics.median(times["padded"])
+    padding = 1 - real / (longest * len(images))
+    print(f"{len(images)} images ({len(skipped)} skipped), {real} real patches, largest {longest}; "
+          f"{impl} layers, {str(dtype).removeprefix('torch.')}, {device.type}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"packed : {len(packs)} packs of <= {cfg.data.tokens_per_pack} patches, {packed_s:.3f} s, "
+          f"{real / packed_s:,.0f} patches/s")
+    print(f"padded : {len(batches)} batches of <= {per_batch} images x {longest}, {padded_s:.3f} s, "
+          f"{real / padded_s:,.0f} patches/s, {padding:.1%} of computed tokens are padding")
+    print(f"packed / padded throughput: {padded_s / packed_s:.2f}x")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU check for one H100/H200, under 8 minutes: the CUDA/NCCL path in bf16.
+#   bash tools/gpu_check.sh [OUT_DIR]
+# 1. the test suite's CUDA-capable parts (the CPU compatibility layer must stay off);
+# 2. the main job on the SO400M-sized encoder in bf16: throughput, TFLOP/s, MFU;
+# 3. packed native-resolution vs padded batches, bf16;
+# 4. with Transformer Engine installed: the same encode with TE layers.
+# Uses the python3 that holds a CUDA torch. A machine without megatron-core takes it
+# from .whl/ (pip download megatron-core==0.19.2 for its Python; see README).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${1:-gpu_check_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c 'import megatron.core' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/viq_site .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/viq_site"
+fi
+status=0
+step() { echo; echo "== $1"; shift; "$@" 2>&1 | tee -a "$out/gpu_check.log"; local rc=${PIPESTATUS[0]}; [[ $rc == 0 ]] || status=$rc; }
+
+step "device" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step "versions" python3 -c 'import torch, megatron.core as m, viq_megatron; print("torch", torch.__version__, "cuda", torch.version.cuda, "megatron-core", m.__version__, "extras", viq_megatron.GPU_EXTRAS)'
+step "tests (CUDA-capable parts)" python3 -m pytest -q -p no:cacheprovider tests
+step "encode, SO400M-sized encoder, bf16, local layers" \
+    torchrun --nproc-per-node 1 -m viq_megatron.encode --config examples/encoder_so400m_gpu.yaml model.transformer_impl=local
+step "packed vs padded, SO400M-sized encoder, bf16" \
+    python3 tools/bench_encoder.py --config examples/encoder_so400m_gpu.yaml --repeats 5 model.transformer_impl=local
+if python3 -c 'import transformer_engine.pytorch' 2>/dev/null; then
+    step "encode, SO400M-sized encoder, bf16, Transformer Engine layers" \
+        torchrun --nproc-per-node 1 -m viq_megatron.encode --config examples/encoder_so400m_gpu.yaml model.transformer_impl=transformer_engine
+else
+    echo; echo "== Transformer Engine not installed here: TE steps skipped"
+fi
+exit $status

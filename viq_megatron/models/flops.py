@@ -1,0 +1,41 @@
+"""Counted model FLOPs and device peaks, for TFLOP/s and MFU lines.
+
+Counts matmul FLOPs (2 per multiply-add) of the forward pass; a training step is
+3x that (backward = 2x forward). Norms, activations and softmax are left out, as in
+the usual MFU convention.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from viq_megatron.config import EncoderConfig
+
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name.
+_PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe part is lower (756e12) and reports "H100 PCIe"
+    "H100 PCIe": 756e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}
+
+
+def vit_forward_flops(cfg: EncoderConfig, seqlens: Sequence[int]) -> float:
+    """Forward FLOPs of the encoder over images of `seqlens` patches each (attention per image)."""
+    tokens = sum(seqlens)
+    hidden, ffn = cfg.hidden_size, cfg.ffn_hidden_size
+    linears = 2 * tokens * (4 * hidden * hidden + 2 * hidden * ffn)  # qkv + proj + fc1 + fc2
+    attention = sum(4 * length * length * hidden for length in seqlens)  # QK^T and AV
+    embedding = 2 * tokens * 3 * cfg.patch_size ** 2 * hidden
+    return cfg.num_layers * (linears + attention) + embedding
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None where unknown (CPUs, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [key for key in _PEAK_BF16_FLOPS if key in name]
+    return _PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
