@@ -115,7 +115,8 @@ def test_broken_gpu_extras_are_hidden_from_megatron(tmp_path):
         from megatron.core.models.vision import vit_layer_specs
         print(viq_megatron.GPU_EXTRAS, te_ext.HAVE_TE, vit_layer_specs.HAVE_APEX)
     """)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    path = os.pathsep.join(p for p in (str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "{'transformer_engine': False, 'apex': False} False False"

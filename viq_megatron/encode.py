@@ -38,7 +38,8 @@ def build_encoder(cfg: Config) -> tuple[NativeResolutionViT, str]:
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
     config = encoder_transformer_config(cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
                                         params_dtype(cfg.model.params_dtype), impl)
-    encoder = NativeResolutionViT(cfg.model.encoder, config, impl)
+    # Norms and the patch embedding are created in fp32; the whole encoder runs in params_dtype.
+    encoder = NativeResolutionViT(cfg.model.encoder, config, impl).to(config.params_dtype)
     return (encoder.cuda() if torch.cuda.is_available() else encoder), impl
 
 
