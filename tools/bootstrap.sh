@@ -51,5 +51,5 @@ if "$venv/bin/python" -c 'import apex' 2>/dev/null \
     echo "[bootstrap] error: a non-NVIDIA 'apex' package is installed; run: $venv/bin/pip uninstall apex" >&2
     exit 1
 fi
-"$venv/bin/python" -c 'import torch, megatron.core, viq_megatron' >/dev/null
+"$venv/bin/python" -W ignore -c 'import viq_megatron, torch, megatron.core'
 echo "$stamp_src" >"$venv/.bootstrap-stamp"

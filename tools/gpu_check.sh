@@ -20,7 +20,7 @@ status=0
 step() { echo; echo "== $1"; shift; "$@" 2>&1 | tee -a "$out/gpu_check.log"; local rc=${PIPESTATUS[0]}; [[ $rc == 0 ]] || status=$rc; }
 
 step "device" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step "versions" python3 -c 'import torch, megatron.core as m, viq_megatron; print("torch", torch.__version__, "cuda", torch.version.cuda, "megatron-core", m.__version__, "extras", viq_megatron.GPU_EXTRAS)'
+step "versions" python3 -c 'import viq_megatron, torch, megatron.core as m; print("torch", torch.__version__, "cuda", torch.version.cuda, "megatron-core", m.__version__, "extras", viq_megatron.GPU_EXTRAS)'
 step "tests (CUDA-capable parts)" python3 -m pytest -q -p no:cacheprovider tests
 step "encode, SO400M-sized encoder, bf16, local layers" \
     torchrun --nproc-per-node 1 -m viq_megatron.encode --config examples/encoder_so400m_gpu.yaml model.transformer_impl=local
