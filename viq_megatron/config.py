@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -48,8 +48,56 @@ class EncoderConfig:
 
 
 @dataclass
+class LLMArch:
+    """A Llama / Qwen2-family decoder. Written by tools/convert_hf_checkpoint.py next to the weights."""
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False  # Qwen2
+    tie_word_embeddings: bool = True
+    max_sequence_length: int = 4096
+    model_type: Literal["llama", "qwen2"] = "llama"
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
+                 f"{self.num_query_groups} does not divide num_attention_heads={self.num_attention_heads}")
+
+
+@dataclass
+class TokenizerConfig:
+    # checkpoint: the LLM checkpoint's own Hugging Face tokenizer (and chat template);
+    # sentencepiece: trained on the training texts at start-up (tiny test LLMs).
+    kind: Literal["checkpoint", "sentencepiece"] = "checkpoint"
+    sentencepiece_vocab_size: int = 512
+
+
+@dataclass
+class LLMConfig:
+    # A directory written by tools/convert_hf_checkpoint.py; its weights, architecture
+    # and tokenizer are used. Empty: a randomly initialised LLM of `arch` (tests).
+    checkpoint: str = ""
+    arch: Optional[LLMArch] = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.checkpoint) != (self.arch is not None), "checkpoint",
+                 "set exactly one of model.llm.checkpoint (pretrained) and model.llm.arch (random init)")
+        _require(self.tokenizer.kind == "sentencepiece" or bool(self.checkpoint), "tokenizer.kind",
+                 "'checkpoint' needs model.llm.checkpoint; use 'sentencepiece' for a randomly initialised LLM")
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: Optional[LLMConfig] = None
     # auto: Transformer Engine layers when TE imports (CUDA), Megatron-Core local layers otherwise.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # auto: bfloat16 on CUDA, float32 on CPU.
@@ -80,12 +128,31 @@ class ImageConfig:
 
 
 @dataclass
+class EmbeddedDataConfig:
+    """The generated default dataset: rendered captioned scenes plus the shipped photos."""
+
+    train_scenes: int = 512
+    val_scenes: int = 64
+
+
+@dataclass
 class DataConfig:
-    # Image files or folders; empty means the photos that ship inside installed packages.
+    # encode job: image files or folders; empty means the photos shipped inside installed packages.
     images: list[str] = field(default_factory=list)
     image: ImageConfig = field(default_factory=ImageConfig)
-    # Patch tokens per packed encoder sequence.
+    # Patch tokens per packed encoder sequence (encode job).
     tokens_per_pack: int = 4096
+    # Training: LLaVA-style JSON/JSONL files, or "embedded" for the generated default dataset.
+    train: str = "embedded"
+    val: str = "embedded"
+    # Image paths resolve under this folder (default: the JSON file's folder).
+    root: str = ""
+    allow_outside_root: bool = False
+    embedded: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
+    # LLM tokens per packed training sequence.
+    seq_length: int = 1024
+    # Square side of the frozen teacher's fixed-resolution input (self-distillation).
+    teacher_image_size: int = 224
 
 
 @dataclass
@@ -96,6 +163,44 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
         _require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["stage1"] = "stage1"
+    steps: int = 100
+    # Packed sequences per data-parallel rank per step (gradient accumulation).
+    micro_batches: int = 1
+    # Module prefixes whose weights stay fixed, e.g. ["llm"] (stage 1's default).
+    freeze: list[str] = field(default_factory=lambda: ["llm"])
+    distill_weight: float = 1.0
+    distill_loss: Literal["cosine", "mse"] = "cosine"
+    log_every: int = 1
+    eval_every: int = 20
+    eval_batches: int = 4
+    save_every: int = 50
+    output_dir: str = "runs/stage1"
+    # Continue from the newest checkpoint in output_dir when there is one.
+    resume: bool = True
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(self.micro_batches >= 1, "micro_batches", "must be >= 1")
+        _require(self.optimizer.warmup_steps < self.steps, "optimizer.warmup_steps",
+                 f"{self.optimizer.warmup_steps} must be below train.steps={self.steps}")
 
 
 @dataclass
@@ -110,6 +215,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -187,6 +293,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            raise ConfigError(f"{prefix}{f.name}: missing (required)")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -41,3 +41,61 @@ def shipped_photos() -> list[Path]:
         raise FileNotFoundError("no embedded photos found: install the data extra "
                                 "(scikit-image, scikit-learn, matplotlib) or set data.images")
     return paths
+
+
+# Prompts for the embedded dataset's captions, cycled deterministically.
+CAPTION_PROMPTS = ("Describe the image.", "What do you see in this picture?", "Write a short caption.",
+                   "Describe this image in one or two sentences.")
+# The last shipped photos are held out for validation.
+VALIDATION_PHOTOS = 3
+
+
+def _conversation(image: str, prompt: str, answer: str, qa: tuple = ()) -> dict:
+    turns = [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": answer}]
+    for question, reply in qa:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
+    return {"image": image, "conversations": turns}
+
+
+def write_embedded_dataset(out_dir: str | Path, train_scenes: int, val_scenes: int, seed: int) -> tuple[Path, Path]:
+    """Writes train.jsonl / val.jsonl and their images (rendered scenes + shipped photos).
+
+    Training samples carry the caption and the scene's question/answer pairs; validation
+    samples carry the caption alone, so validation loss is a caption loss. Deterministic;
+    a complete earlier write is reused.
+    """
+    import json
+    import os
+    import shutil
+
+    from viq_megatron.data.scenes import render_scene, scene_split
+
+    out = Path(out_dir)
+    train_file, val_file = out / "train.jsonl", out / "val.jsonl"
+    stamp = out / "COMPLETE"
+    wanted = f"{train_scenes} {val_scenes} {seed}"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return train_file, val_file
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    train_ids, val_ids = scene_split(train_scenes, val_scenes, seed)
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        for index in ids:
+            scene = render_scene(index, seed)
+            name = f"images/scene_{index}.png"
+            scene.image.save(out / name)
+            prompt = CAPTION_PROMPTS[index % len(CAPTION_PROMPTS)]
+            splits[split].append(_conversation(name, prompt, scene.caption, scene.qa if split == "train" else ()))
+    photos = shipped_photos()
+    captions = {Path(p).name: c for (_, p), c in SHIPPED_PHOTOS.items()}
+    for k, photo in enumerate(photos):
+        name = f"images/{photo.name}"
+        shutil.copyfile(photo, out / name)
+        split = "val" if k >= len(photos) - VALIDATION_PHOTOS else "train"
+        splits[split].append(_conversation(name, CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[photo.name]))
+    for file, split in ((train_file, "train"), (val_file, "val")):
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(s) + "\n" for s in splits[split]))
+        os.replace(tmp, file)
+    stamp.write_text(wanted)
+    return train_file, val_file

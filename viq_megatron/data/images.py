@@ -115,15 +115,37 @@ def patchify(image: Image.Image, patch: int, mean: list[float], std: list[float]
             .reshape(grid_h * grid_w, patch * patch * 3))
 
 
+def to_native(image: Image.Image, rules: ImageConfig, patch: int, source: str) -> NativeImage:
+    """An RGB image resized to its native-resolution grid and cut into patches."""
+    width, height = native_size(image.width, image.height, patch, rules.min_pixels, rules.max_pixels)
+    resized = image if (width, height) == image.size else image.resize((width, height), Image.Resampling.BICUBIC)
+    return NativeImage(patchify(resized, patch, rules.mean, rules.std), (height // patch, width // patch), source,
+                       image.size)
+
+
+def to_square(image: Image.Image, side: int, rules: ImageConfig, patch: int, source: str) -> NativeImage:
+    """The fixed-resolution view a classic (non-native) encoder sees: squashed to side x side."""
+    resized = image.resize((side, side), Image.Resampling.BICUBIC)
+    return NativeImage(patchify(resized, patch, rules.mean, rules.std), (side // patch, side // patch), source,
+                       image.size)
+
+
 def load_native_image(source: ImageSource, rules: ImageConfig, patch: int) -> NativeImage:
     """Decode, resize to the native-resolution grid, patchify."""
-    image = open_rgb(source, rules)
-    source_size = image.size
-    width, height = native_size(image.width, image.height, patch, rules.min_pixels, rules.max_pixels)
-    if (width, height) != image.size:
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    patches = patchify(image, patch, rules.mean, rules.std)
-    return NativeImage(patches, (height // patch, width // patch), _describe(source), source_size)
+    return to_native(open_rgb(source, rules), rules, patch, _describe(source))
+
+
+def native_patch_count(path: str | Path, rules: ImageConfig, patch: int) -> int:
+    """Patches the image will take, from its header alone (no pixel decoding)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
+                width, height = height, width
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+    w, h = native_size(width, height, patch, rules.min_pixels, rules.max_pixels)
+    return (w // patch) * (h // patch)
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -16,19 +16,25 @@ def _is_split(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def shard(tensor: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's part of a full tensor. With stride s (e.g. 2 for SwiGLU's [gate; up]) the
+    full tensor is s blocks, and each rank holds its chunk of every block."""
+    if not _is_split(param) or size == 1:
+        return tensor
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    return torch.cat([block.chunk(size, dim)[rank] for block in tensor.chunk(stride, dim)], dim)
+
+
 def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Loads TP=1 tensors into this rank's shards of `model`."""
+    """Loads TP=1 tensors into this rank's shards of `model` (missing or extra keys are an error)."""
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()
     params = dict(model.named_parameters())
-    local = {}
-    for name, tensor in full.items():
-        param = params.get(name)
-        if param is not None and _is_split(param):
-            if getattr(param, "partition_stride", 1) != 1:
-                raise NotImplementedError(f"{name}: strided tensor-parallel partitions are not supported")
-            tensor = tensor.chunk(size, dim=param.partition_dim)[rank]
-        local[name] = tensor
+    local = {name: shard(t, params[name], rank, size) if name in params else t for name, t in full.items()}
+    for name, tensor in local.items():
+        if name in params and params[name].shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit the model's "
+                             f"{tuple(params[name].shape)} (tensor-parallel rank {rank} of {size})")
     missing, unexpected = model.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -41,6 +47,15 @@ def gather_full(param: torch.Tensor, tensor: torch.Tensor | None = None) -> torc
     size = parallel_state.get_tensor_model_parallel_world_size()
     if not _is_split(param) or size == 1:
         return tensor
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=param.partition_dim)
+    blocks = [part.chunk(stride, dim) for part in parts]
+    return torch.cat([torch.cat([b[i] for b in blocks], dim) for i in range(stride)], dim)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights in TP=1 layout (collective over the tensor-parallel group)."""
+    params = dict(model.named_parameters())
+    return {name: gather_full(params[name], t) if name in params else t
+            for name, t in model.state_dict().items() if torch.is_tensor(t)}

@@ -42,19 +42,22 @@ def resolve_transformer_impl(requested: str) -> str:
     return requested
 
 
-def bidirectional_layer_spec(impl: str) -> ModuleSpec:
-    """A pre-norm transformer layer with no attention mask (ViT encoder, quantization head)."""
+def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
+    """A pre-norm transformer layer: bidirectional (ViT encoder, quantization head) or causal (LLM).
+
+    The norm type (LayerNorm / RMSNorm) and the MLP's gating come from the TransformerConfig."""
     if impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
 
-        return get_vit_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec() if causal else get_vit_layer_with_transformer_engine_spec()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=WrappedTorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
+                params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=PackedSDPAttention,

@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from viq_megatron.config import EncoderConfig
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.models.specs import bidirectional_layer_spec
+from viq_megatron.models.specs import transformer_layer_spec
 
 # MKL computes a matmul of few rows through another kernel than a large one, so a
 # short sequence alone would round differently than inside a pack. Padding every pack
@@ -65,7 +65,7 @@ class NativeResolutionViT(MegatronModule):
         self.patch_embedding = torch.nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, dtype=config.params_dtype)
         self.position_embedding = torch.nn.Parameter(
             torch.randn(self.position_grid ** 2, cfg.hidden_size, dtype=config.params_dtype) * 0.02)
-        self.transformer = TransformerBlock(config, bidirectional_layer_spec(impl), post_layer_norm=True)
+        self.transformer = TransformerBlock(config, transformer_layer_spec(impl, causal=False), post_layer_norm=True)
 
     def position_embeddings(self, grids: torch.Tensor) -> torch.Tensor:
         """The learned square grid bilinearly resized (antialiased) to each image's (h, w) grid."""

@@ -10,6 +10,7 @@ semantics. With CUDA present `activate()` does nothing, so a GPU run is untouche
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,6 +38,81 @@ def _stay_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self
 
 
+class _CpuStream:
+    """Stands in for a CUDA stream: on the CPU all work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _current_stream(*args: Any, **kwargs: Any) -> _CpuStream:
+    return _CpuStream()
+
+
+def _stream_context(stream: Any) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self: torch.Tensor, *args: Any, **kwargs: Any):
+    """megatron-core asserts `t.type() == 'torch.cuda.FloatTensor'` (clip_grads, the mixed-
+    precision and distributed optimizers): report a CPU tensor under its CUDA name. The
+    conversion form `t.type(dtype)` is left alone."""
+    if args or kwargs:
+        return _TENSOR_TYPE(self, *args, **kwargs)
+    name = _TENSOR_TYPE(self)
+    return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
+
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
+              "full_like", "rand", "randn")
+
+
+class _TorchOnCpu:
+    """`torch` as seen by a megatron-core module that writes `device='cuda'` literally:
+    tensor factories place such tensors on the CPU; everything else is plain torch."""
+
+    def __init__(self) -> None:
+        for name in _FACTORIES:
+            setattr(self, name, self._on_cpu(getattr(torch, name)))
+
+    @staticmethod
+    def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+        return make
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+# megatron-core modules that create tensors with a literal device='cuda'.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+
 def _get_cpu_rng_state(*args: Any, clone: bool = False, **kwargs: Any) -> torch.Tensor:
     return torch.get_rng_state()  # already a copy
 
@@ -54,12 +130,21 @@ class _DropForkWarning(logging.Filter):
 
 
 def _patches() -> list[Patch]:
+    import importlib
+
     from megatron.core.tensor_parallel import random as mp_random
 
+    torch_on_cpu = _TorchOnCpu()
     return [
+        *(Patch(importlib.import_module(module), "torch", torch_on_cpu, "tensors created with device='cuda'")
+          for module in _CUDA_LITERAL_MODULES),
+        Patch(torch.Tensor, "type", _cuda_type_name, "asserts on 'torch.cuda.*Tensor' type names"),
         Patch(torch.cuda, "current_device", _cpu_device,
               "used as a device argument when creating tensors and buffers"),
         Patch(torch.cuda, "synchronize", _no_op, "CPU work is already synchronous"),
+        Patch(torch.cuda, "current_stream", _current_stream, "DDP orders gradient reduction on streams"),
+        Patch(torch.cuda, "Stream", _CpuStream, "DDP's communication stream"),
+        Patch(torch.cuda, "stream", _stream_context, "DDP's communication stream context"),
         Patch(torch.Tensor, "cuda", _stay_on_cpu, "optimizer/checkpoint code moves state 'to the GPU'"),
         Patch(torch.cuda, "get_rng_state", _get_cpu_rng_state, "RNG tracker: read the generator"),
         Patch(torch.cuda, "manual_seed", torch.manual_seed, "RNG tracker: seed the generator"),

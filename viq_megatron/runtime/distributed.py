@@ -102,6 +102,7 @@ def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] |
 def setup_logging(rank: int) -> None:
     """Console logging: everything from the first process, only errors from the others."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines dump whole configs
 
 
 def shutdown() -> None:

@@ -1,0 +1,117 @@
+"""LLaVA-style conversation data (the ViQ reference's format), read and validated.
+
+A file is a JSON list or JSONL, one sample per entry:
+    {"id": "...", "image": "a.jpg" | ["a.jpg", ...] | [{"img_path": "a.jpg", ...}],
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+Each `<image>` placeholder takes the next image. Image paths resolve under the dataset
+root; one that escapes it is refused unless allowed. A malformed sample is a
+`SampleError` naming the file and the sample's index.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from viq_megatron.data.text import IMAGE_PLACEHOLDER, Turn
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SampleError(ValueError):
+    """A malformed sample: one line naming the file and the sample index."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    source: str  # "file:index"
+    turns: tuple[Turn, ...]
+    images: tuple[Path, ...]
+
+
+def _image_entries(raw) -> list[str]:
+    if raw is None:
+        return []
+    entries = raw if isinstance(raw, list) else [raw]
+    paths = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("img_path"), str):
+            paths.append(entry["img_path"])
+        elif isinstance(entry, str):
+            paths.append(entry)
+        else:
+            raise ValueError(f"image entry {entry!r} is neither a path nor {{'img_path': path}}")
+    return paths
+
+
+def parse_sample(raw, root: Path, allow_outside_root: bool) -> tuple[tuple[Turn, ...], tuple[Path, ...]]:
+    """Validates one raw sample; raises ValueError with the problem (without file/index)."""
+    if not isinstance(raw, dict):
+        raise ValueError("sample is not a JSON object")
+    conversation = raw.get("conversations")
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("empty or missing 'conversations'")
+    turns = []
+    for k, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {k} has no text 'value'")
+        role = _ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError(f"turn {k} has unknown speaker {turn.get('from')!r}")
+        turns.append(Turn(role, turn["value"]))
+    if not any(t.role == "assistant" and t.text.strip() for t in turns):
+        raise ValueError("no assistant answer to learn from")
+    if any(IMAGE_PLACEHOLDER in t.text for t in turns if t.role == "assistant"):
+        raise ValueError(f"{IMAGE_PLACEHOLDER} placeholder inside an assistant answer")
+    images = _image_entries(raw.get("image", raw.get("images")))
+    placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
+    if placeholders != len(images):
+        raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+    resolved = []
+    root_real = os.path.realpath(root)
+    for image in images:
+        path = Path(os.path.realpath(root / image))
+        if not allow_outside_root and os.path.commonpath([root_real, path]) != root_real:
+            raise ValueError(f"image path {image!r} escapes the dataset root {root} "
+                             "(set data.allow_outside_root to allow)")
+        if not path.is_file():
+            raise ValueError(f"image file {image!r} not found under {root}")
+        resolved.append(path)
+    return tuple(turns), tuple(resolved)
+
+
+def read_conversations(path: str | Path, root: str | Path | None = None,
+                       allow_outside_root: bool = False) -> Iterator[Sample | SampleError]:
+    """Yields each sample, or a SampleError in its place; never stops early on a bad sample."""
+    path = Path(path)
+    root = Path(root) if root else path.parent
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SampleError(f"{path}: cannot read ({e.strerror})") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            entries = list(enumerate(json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path}: invalid JSON ({e})") from None
+    else:
+        entries = []
+        for index, line in enumerate(l for l in text.splitlines() if l.strip()):
+            try:
+                entries.append((index, json.loads(line)))
+            except json.JSONDecodeError as e:
+                entries.append((index, SampleError(f"{path}: sample {index}: invalid JSON ({e.msg})")))
+    for index, raw in entries:
+        if isinstance(raw, SampleError):
+            yield raw
+            continue
+        try:
+            turns, images = parse_sample(raw, root, allow_outside_root)
+        except ValueError as e:
+            yield SampleError(f"{path}: sample {index}: {e}")
+            continue
+        yield Sample(f"{path}:{index}", turns, images)

@@ -1,0 +1,189 @@
+"""Multimodal training sequences: conversations with images, packed into fixed-length rows.
+
+Each sample becomes text tokens with one slot per visual token (one per 16x16 patch of
+its native-resolution image). Several samples share a packed row: `cu_seqlens` keeps
+attention inside each sample, position ids restart per sample, labels never cross a
+sample boundary, and the loss counts only the assistant's tokens. A placeholder that
+expands into a thousand visual tokens is just a long slot: lengths are known before
+packing, so a row never overflows.
+
+The order of packed rows is a pure function of (seed, row index): resuming at step N
+reads exactly the rows an uninterrupted run would have read.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from viq_megatron.config import ImageConfig
+from viq_megatron.data.conversations import Sample
+from viq_megatron.data.images import ImageError, NativeImage, native_patch_count, open_rgb, to_native, to_square
+from viq_megatron.data.packing import PackedImages, greedy_pack
+from viq_megatron.data.text import TextTokenizer, tokenize_conversation
+
+log = logging.getLogger(__name__)
+
+# Samples are packed within windows of this many (shuffled) samples: near-optimal fill,
+# and a row's content depends only on its window.
+PACKING_WINDOW = 256
+
+
+@dataclass
+class EncodedSample:
+    source: str
+    token_ids: list[int]  # visual slots hold 0
+    loss_flags: list[bool]  # True for the assistant's tokens
+    visual_slots: list[int]  # positions of the visual tokens, image after image
+    images: list[NativeImage]  # native resolution, for the encoder
+    teacher_images: list[NativeImage]  # fixed square resolution, for the frozen teacher
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def encode_sample(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
+                  teacher_side: int) -> EncodedSample:
+    """Decodes the sample's images and lays out its tokens; raises ImageError for a bad image."""
+    decoded = [open_rgb(path, rules) for path in sample.images]
+    images = [to_native(im, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
+    teacher = [to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
+    ids, flags, slots = [], [], []
+    for piece in tokenize_conversation(tokenizer, sample.turns).pieces:
+        if piece[0] == "image":
+            n = images[piece[1]].num_patches
+            slots.extend(range(len(ids), len(ids) + n))
+            ids.extend([0] * n)
+            flags.extend([False] * n)
+        else:
+            ids.extend(piece[1])
+            flags.extend(piece[2])
+    return EncodedSample(sample.source, ids, flags, slots, images, teacher)
+
+
+def sample_length(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, patch: int) -> int:
+    """The sample's token count without decoding its images (header sizes only)."""
+    rendered = tokenize_conversation(tokenizer, sample.turns)
+    return rendered.num_text_tokens() + sum(native_patch_count(p, rules, patch) for p in sample.images)
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # [T] int64
+    labels: torch.Tensor  # [T] int64: the next token within the same sample
+    loss_mask: torch.Tensor  # [T] float: 1 where the label is an assistant token
+    position_ids: torch.Tensor  # [T] int64, restarting at 0 for each sample
+    cu_seqlens: torch.Tensor  # [samples + 1] int32
+    visual_positions: torch.Tensor  # [V] int64: where the visual tokens go, image after image
+    images: PackedImages  # native resolution, in the same image order
+    teacher_images: PackedImages  # fixed resolution, same order
+    sources: list[str]
+
+    @property
+    def max_seqlen(self) -> int:
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def pack_samples(samples: Sequence[EncodedSample]) -> PackedBatch:
+    tokens, labels, mask, positions, slots = [], [], [], [], []
+    lengths = [0]
+    for s in samples:
+        offset = len(tokens)
+        tokens += s.token_ids
+        labels += s.token_ids[1:] + [0]
+        mask += [float(f) for f in s.loss_flags[1:]] + [0.0]
+        positions += range(len(s))
+        slots += [offset + p for p in s.visual_slots]
+        lengths.append(len(s))
+    images = [im for s in samples for im in s.images]
+    teacher = [im for s in samples for im in s.teacher_images]
+    return PackedBatch(
+        tokens=torch.tensor(tokens, dtype=torch.int64),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        loss_mask=torch.tensor(mask, dtype=torch.float32),
+        position_ids=torch.tensor(positions, dtype=torch.int64),
+        cu_seqlens=torch.cumsum(torch.tensor(lengths), 0).to(torch.int32),
+        visual_positions=torch.tensor(slots, dtype=torch.int64),
+        images=PackedImages.from_images(images) if images else None,
+        teacher_images=PackedImages.from_images(teacher) if teacher else None,
+        sources=[s.source for s in samples],
+    )
+
+
+class PackedConversationDataset:
+    """Conversation samples packed into rows of at most `seq_length` tokens, in a fixed order.
+
+    Samples that cannot be used (too long, unreadable image) are reported and counted in
+    `skipped`, never silently dropped.
+    """
+
+    def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
+                 seq_length: int, teacher_side: int, seed: int, shuffle: bool = True):
+        self.tokenizer, self.rules, self.patch, self.teacher_side = tokenizer, rules, patch, teacher_side
+        self.seed, self.shuffle = seed, shuffle
+        self.skipped: list[str] = []
+        self.samples: list[Sample] = []
+        self.lengths: list[int] = []
+        for sample in samples:
+            try:
+                length = sample_length(sample, tokenizer, rules, patch)
+            except ImageError as e:
+                self._skip(f"{sample.source}: {e}")
+                continue
+            if length > seq_length:
+                self._skip(f"{sample.source}: {length} tokens do not fit data.seq_length={seq_length}")
+                continue
+            self.samples.append(sample)
+            self.lengths.append(length)
+        if not self.samples:
+            raise ValueError("no usable samples")
+        self._epochs: dict[int, list[list[int]]] = {}
+        self.seq_length = seq_length
+
+    def _skip(self, reason: str) -> None:
+        log.warning("skipped sample %s", reason)
+        self.skipped.append(reason)
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """Sample indices of each packed row of one pass over the data."""
+        if epoch not in self._epochs:
+            order = list(range(len(self.samples)))
+            if self.shuffle:
+                random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            rows = []
+            for start in range(0, len(order), PACKING_WINDOW):
+                window = order[start:start + PACKING_WINDOW]
+                rows += [[window[i] for i in row]
+                         for row in greedy_pack([self.lengths[i] for i in window], self.seq_length)]
+            self._epochs = {epoch: rows}  # one epoch in memory is enough for sequential reads
+        return self._epochs[epoch]
+
+    def row_indices(self, row: int) -> list[int]:
+        """The samples of global row `row` (rows of epoch 0, then epoch 1, ...)."""
+        epoch = 0
+        while row >= len(self.epoch_rows(epoch)):
+            row -= len(self.epoch_rows(epoch))
+            epoch += 1
+        return self.epoch_rows(epoch)[row]
+
+    def __getitem__(self, row: int) -> PackedBatch:
+        encoded = []
+        for i in self.row_indices(row):
+            try:
+                encoded.append(encode_sample(self.samples[i], self.tokenizer, self.rules, self.patch,
+                                             self.teacher_side))
+            except ImageError as e:
+                self._skip(f"{self.samples[i].source}: {e}")
+        if not encoded:
+            raise ValueError(f"row {row}: every sample was skipped")
+        return pack_samples(encoded)
+
+    def rows_per_epoch(self) -> int:
+        return len(self.epoch_rows(0))

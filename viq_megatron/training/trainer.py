@@ -1,0 +1,235 @@
+"""The one training loop, for every stage.
+
+Builds, in order: distributed runtime, data (tokenizer, datasets), the stage's model,
+freezing, Megatron-Core DDP, optimizer and LR schedule, metrics log, checkpoint
+resume. Then `train()` loops: load this rank's packed rows, forward/backward each
+(gradient accumulation), reduce gradients, clip, step, log, evaluate, save.
+
+Losses are token-weighted over the whole global batch: the caption loss is the sum of
+per-token losses over every rank and micro-batch divided by the global count of
+answer tokens, so a packed row, one sample alone or DP=2 all give the same number.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from viq_megatron.config import Config
+from viq_megatron.data.conversations import SampleError, read_conversations
+from viq_megatron.data.embedded import write_embedded_dataset
+from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset
+from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
+from viq_megatron.encode import params_dtype
+from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
+from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from viq_megatron.training.logs import MetricsLog
+from viq_megatron.training.stages import STAGES
+
+log = logging.getLogger("viq_megatron.train")
+
+
+def _read_split(cfg: Config, which: str, embedded_files: tuple[Path, Path] | None, counters: dict) -> list:
+    path = getattr(cfg.data, which)
+    if path == "embedded":
+        path = embedded_files[0 if which == "train" else 1]
+    samples = []
+    for item in read_conversations(path, cfg.data.root or None, cfg.data.allow_outside_root):
+        if isinstance(item, SampleError):
+            log.warning("skipped sample %s", item)
+            counters["malformed"] += 1
+        else:
+            samples.append(item)
+    return samples
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        env = initialize(cfg.parallel, cfg.seed)
+        setup_logging(env.rank)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+        # Data.
+        embedded = None
+        if "embedded" in (cfg.data.train, cfg.data.val):
+            folder = self.output_dir / "embedded_data"
+            if is_main_process():
+                write_embedded_dataset(folder, cfg.data.embedded.train_scenes, cfg.data.embedded.val_scenes, cfg.seed)
+            dist.barrier()
+            embedded = (folder / "train.jsonl", folder / "val.jsonl")
+        self.counters = {"malformed": 0}
+        train_samples = _read_split(cfg, "train", embedded, self.counters)
+        val_samples = _read_split(cfg, "val", embedded, self.counters)
+        self.tokenizer = self._build_tokenizer(train_samples)
+        common = dict(tokenizer=self.tokenizer, rules=cfg.data.image, patch=cfg.model.encoder.patch_size,
+                      seq_length=cfg.data.seq_length, teacher_side=cfg.data.teacher_image_size, seed=cfg.seed)
+        self.train_data = PackedConversationDataset(train_samples, **common)
+        self.val_data = PackedConversationDataset(val_samples, shuffle=False, **common)
+
+        # Model, freezing, DDP, optimizer.
+        self.stage = STAGES[cfg.train.stage](cfg)
+        model = self.stage.model
+        for name, param in model.named_parameters():
+            if any(name == p or name.startswith(p + ".") for p in cfg.train.freeze):
+                param.requires_grad_(False)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trainable == 0:
+            raise ValueError(f"train.freeze={cfg.train.freeze} leaves nothing to train")
+        self.model = DistributedDataParallel(
+            config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model)
+        dtype = params_dtype(cfg.model.params_dtype)
+        opt = cfg.train.optimizer
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                                    adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+                                    clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype),
+            [self.model])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
+            lr_decay_steps=cfg.train.steps, lr_decay_style="cosine", start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant")
+        self.metrics = MetricsLog(self.output_dir)
+        self.step = 0
+        if is_main_process():
+            log.info("stage %s: %.1fM trainable of %.1fM parameters; %d train / %d val samples "
+                     "(%d rows/epoch), %d skipped, %d malformed", cfg.train.stage, trainable / 1e6,
+                     sum(p.numel() for p in model.parameters()) / 1e6, len(self.train_data.samples),
+                     len(self.val_data.samples), self.train_data.rows_per_epoch(),
+                     len(self.train_data.skipped) + len(self.val_data.skipped), self.counters["malformed"])
+        if cfg.train.resume and (last := latest_checkpoint(self.checkpoint_dir)) is not None:
+            self.load(last)
+
+    # ------------------------------------------------------------------ set-up pieces
+    def _build_tokenizer(self, train_samples):
+        llm = self.cfg.model.llm
+        if llm.tokenizer.kind == "checkpoint":
+            return HFTokenizer(Path(llm.checkpoint) / "tokenizer")
+        prefix = self.output_dir / "tokenizer"
+        if is_main_process():
+            SentencePieceTokenizer.train((t.text for s in train_samples for t in s.turns),
+                                         llm.tokenizer.sentencepiece_vocab_size, prefix)
+        dist.barrier()
+        tokenizer = SentencePieceTokenizer(f"{prefix}.model")
+        if tokenizer.vocab_size > llm.arch.vocab_size:
+            raise ValueError(f"model.llm.arch.vocab_size={llm.arch.vocab_size} is below the tokenizer's "
+                             f"{tokenizer.vocab_size} pieces")
+        return tokenizer
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _checkpointed_state(self, is_loading: bool = False) -> dict:
+        # Frozen modules come from their pretrained source at start-up; they are not saved.
+        model_state = {k: v for k, v in self.model.module.sharded_state_dict().items()
+                       if not any(k == p or k.startswith(p + ".") for p in self.cfg.train.freeze)}
+        return {"model": model_state,
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+
+    def save(self) -> None:
+        path = save_checkpoint(self.checkpoint_dir, self.step, self._checkpointed_state(),
+                               {"step": self.step, "scheduler": self.scheduler.state_dict()})
+        log.info("saved %s", path)
+
+    def load(self, path: Path) -> None:
+        state, trainer_state = load_checkpoint(path, self._checkpointed_state(is_loading=True))
+        self.model.module.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.step = trainer_state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ the loop
+    def _rows(self, step: int) -> list[int]:
+        """Global row indices this rank reads at `step` (a pure function of the step)."""
+        per_step = self.dp_size * self.cfg.train.micro_batches
+        first = step * per_step + self.dp_rank * self.cfg.train.micro_batches
+        return list(range(first, first + self.cfg.train.micro_batches))
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        return tensor.tolist()
+
+    def _losses(self, batches: list[PackedBatch], train: bool) -> dict[str, float]:
+        """Forward (and backward when training) over this rank's batches; global-mean losses."""
+        aux_names = list(self.stage.aux_weights)
+        counts = self._global_sum([sum(b.num_loss_tokens for b in batches)] + [
+            sum(float(b.images.num_images) if b.images is not None else 0.0 for b in batches)] * len(aux_names))
+        tokens, aux_counts = counts[0], dict(zip(aux_names, counts[1:]))
+        sums = {"caption": 0.0, **{n: 0.0 for n in aux_names}}
+        for batch in batches:
+            with torch.set_grad_enabled(train):
+                per_token = self.model(batch)
+                caption_sum = (per_token * batch.loss_mask.to(per_token.device)).sum()
+                objective = caption_sum / max(tokens, 1.0)
+                for name, (value, _) in self.stage.aux_losses(self.model.module, batch).items():
+                    objective = objective + self.stage.aux_weights[name] * value / max(aux_counts[name], 1.0)
+                    sums[name] += value.item()
+            if train:
+                # DDP averages gradients over data-parallel ranks; the objective is a global sum.
+                (objective * self.dp_size).backward()
+            sums["caption"] += caption_sum.item()
+        totals = self._global_sum(list(sums.values()))
+        return {name: total / max(tokens if name == "caption" else aux_counts[name], 1.0)
+                for name, total in zip(sums, totals)}
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        batches = [self.train_data[row] for row in self._rows(self.step)]
+        data_time = time.perf_counter() - start
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._losses(batches, train=True)
+        self.model.finish_grad_sync()
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        samples, tokens = self._global_sum([sum(len(b.sources) for b in batches),
+                                            sum(len(b.tokens) for b in batches)])
+        return {"loss": losses["caption"], **{k: v for k, v in losses.items() if k != "caption"},
+                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
+                "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                "step_time_s": seconds, "data_time_s": data_time, "skipped": float(update_ok is False)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        rows = range(min(self.cfg.train.eval_batches * self.dp_size, self.val_data.rows_per_epoch()))
+        mine = [self.val_data[r] for r in rows if r % self.dp_size == self.dp_rank]
+        losses = self._losses(mine, train=False)
+        return {"loss": losses["caption"], **{k: v for k, v in losses.items() if k != "caption"},
+                "perplexity": math.exp(min(losses["caption"], 50.0))}
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        last_eval = {}
+        if self.step == 0 and cfg.eval_every > 0:
+            last_eval = self.evaluate()
+            self.metrics.write(self.step, "val", last_eval)
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.metrics.write(self.step, "train", {**metrics, "skipped_samples": float(
+                    len(self.train_data.skipped)), "malformed_samples": float(self.counters["malformed"])})
+            if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                last_eval = self.evaluate()
+                self.metrics.write(self.step, "val", last_eval)
+            if cfg.save_every > 0 and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+                self.save()
+        self.metrics.close()
+        return last_eval
