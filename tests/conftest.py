@@ -63,3 +63,20 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0, **save_kwargs) -> 
 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+TINY_TRAIN = [
+    *TINY,
+    "model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
+    "ffn_hidden_size: 128, vocab_size: 512, rotary_base: 10000.0}",
+    "model.llm.tokenizer.kind=sentencepiece", "model.llm.tokenizer.sentencepiece_vocab_size=400",
+    "data.embedded.train_scenes=24", "data.embedded.val_scenes=6",
+    "data.image.min_pixels=1024", "data.image.max_pixels=4096", "data.seq_length=256",
+    "data.teacher_image_size=32", "train.steps=4", "train.log_every=1", "train.eval_every=0",
+    "train.save_every=0", "train.optimizer.warmup_steps=1", "train.optimizer.lr=0.001",
+]
+
+
+def tiny_train_config(output_dir, *overrides: str):
+    """Stage 1 with a tiny random LLM (SentencePiece tokenizer) and a tiny encoder."""
+    return load_config(None, [*TINY_TRAIN, f"train.output_dir={output_dir}", *overrides])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image, torchrun
+from hf_models import make_tiny_hf
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                                 reason="two processes need two GPUs once CUDA is present")
@@ -38,3 +39,43 @@ def test_main_job_reports_grids_and_skips_bad_images(tmp_path):
     assert f"skipped {tmp_path}/zero.png: empty file" in out
     assert "2 images in 1 packs" in out and "2 skipped" in out
     assert "throughput:" in out and "tp=2" in out
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    result_file = tmp_path / "single.json"
+    torchrun(1, str(ROOT / "tests/workers/train_checks.py"), "single", str(result_file), str(tmp_path))
+    result = json.loads(result_file.read_text())
+    assert len(result["straight"]) == 4 and result["resumed_from"] == 2
+    assert result["resumed"] == result["straight"]  # same losses, bit for bit
+
+
+def test_data_parallel_and_tensor_parallel(tmp_path):
+    """DP=2 (1 micro-batch each) vs DP=1 (2 micro-batches): same global batch, same losses.
+    TP=2 LLM logits, from pre-written shards and from shards cut at load, vs transformers."""
+    import torch
+
+    from viq_megatron.models.pretrained import import_hf_llm
+    from test_llm import hf_logits
+
+    checkpoints = []
+    for kind, shards in (("llama", 2), ("qwen2", 1)):
+        hf_dir = make_tiny_hf(kind, tmp_path / f"hf_{kind}")
+        checkpoint = tmp_path / f"ours_{kind}"
+        import_hf_llm(hf_dir, checkpoint, tensor_parallel=shards)
+        ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+        torch.save({"ids": ids, "logits": hf_logits(hf_dir, ids)}, checkpoint / "reference_logits.pt")
+        checkpoints.append(str(checkpoint))
+    assert (tmp_path / "ours_llama/tp2/rank1.safetensors").is_file()
+
+    single_file = tmp_path / "single.json"
+    torchrun(1, str(ROOT / "tests/workers/train_checks.py"), "dp1", str(single_file), str(tmp_path))
+    result_file = tmp_path / "parallel.json"
+    torchrun(2, str(ROOT / "tests/workers/train_checks.py"), "parallel", str(result_file), str(tmp_path),
+             *checkpoints)
+    result = json.loads(result_file.read_text())
+    dp1 = json.loads(single_file.read_text())["dp1"]
+    assert len(result["dp2"]) == 3
+    for a, b in zip(result["dp2"], dp1):
+        assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (result["dp2"], dp1)
+    for checkpoint in checkpoints:
+        assert result[checkpoint] < 1e-4, checkpoint

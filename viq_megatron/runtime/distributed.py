@@ -88,6 +88,8 @@ def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] |
             # torchrun's agent already serves a store at MASTER_PORT: join it rather than bind the port.
             init_method="env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10))
+    if parallel_state.model_parallel_is_initialized():  # a new job in the same process (tests)
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size)

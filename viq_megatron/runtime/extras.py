@@ -54,5 +54,6 @@ if not torch.cuda.is_available():
 if not any(GPU_EXTRAS.values()):
     # megatron-core repeats this at several imports; we say it once where layers are chosen.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Apex is not installed")
 # megatron-core 0.19's own TransformerConfig default triggers this deprecation on every model.
 warnings.filterwarnings("ignore", message="full scope is deprecated")

@@ -218,7 +218,9 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg.train
         last_eval = {}
-        if self.step == 0 and cfg.eval_every > 0:
+        if cfg.eval_every > 0 and (self.step == 0 or self.step >= cfg.steps):
+            if self.step >= cfg.steps:
+                log.info("already trained to step %d of %d", self.step, cfg.steps)
             last_eval = self.evaluate()
             self.metrics.write(self.step, "val", last_eval)
         while self.step < cfg.steps:

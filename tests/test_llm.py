@@ -1,0 +1,125 @@
+"""The Megatron-Core LLM vs transformers; checkpoint conversion; packed multimodal loss."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from viq_megatron.models import hf_llm
+from viq_megatron.models.hf_llm import CheckpointError, load_llm_weights, read_arch
+from viq_megatron.models.llm import build_llm
+from viq_megatron.models.pretrained import import_hf_llm
+from conftest import ROOT
+from hf_models import TINY_HF, make_tiny_hf
+
+
+def hf_logits(hf_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def our_logits(checkpoint, ids):
+    model = build_llm(read_arch(checkpoint), 1, torch.float32, "local").eval()
+    load_llm_weights(model, checkpoint)
+    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=positions, attention_mask=None, runtime_gather_output=True)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_HF))
+def test_logits_match_transformers_and_export_round_trips(kind, tmp_path, megatron_world):
+    hf_dir = make_tiny_hf(kind, tmp_path / "hf")
+    ours = tmp_path / "ours"
+    arch = import_hf_llm(hf_dir, ours, tensor_parallel=2)
+    assert arch.model_type == kind and arch.qkv_bias == (kind == "qwen2")
+    assert arch.rotary_base == TINY_HF[kind]["rope_theta"]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = hf_logits(hf_dir, ids)
+    assert (our_logits(ours, ids) - reference).abs().max() < 1e-4
+
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_checkpoint.py"), "export", "--checkpoint",
+                    str(ours), "--out", str(exported)], check=True, capture_output=True)
+    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    assert set(original) == set(back)
+    for name in original:
+        assert torch.equal(original[name], back[name]), name
+    assert torch.equal(hf_logits(exported, ids), reference)
+
+
+def test_broken_checkpoints_name_the_tensor(tmp_path):
+    hf_dir = make_tiny_hf("qwen2", tmp_path / "hf")
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = hf_llm.arch_from_hf_config(config)
+    missing = dict(weights)
+    del missing["model.layers.1.self_attn.k_proj.bias"]
+    with pytest.raises(CheckpointError, match=r"^src: tensor model.layers.1.self_attn.k_proj.bias is missing$"):
+        hf_llm.hf_to_megatron(missing, arch, source="src")
+    misshaped = dict(weights)
+    misshaped["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 95)
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj.weight has shape \(64, 95\), "
+                                              r"expected \(64, 96\)"):
+        hf_llm.hf_to_megatron(misshaped, arch, source="src")
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not llama or qwen2"):
+        hf_llm.arch_from_hf_config({**config, "model_type": "gpt2"})
+
+
+def test_tp_shards_follow_megatron_partition_attributes(tmp_path, megatron_world):
+    """The name rules used to pre-shard checkpoints agree with the attributes megatron-core
+    sets on its own parameters."""
+    hf_dir = make_tiny_hf("llama", tmp_path / "hf")
+    arch = import_hf_llm(hf_dir, tmp_path / "ours")
+    model = build_llm(arch, 1, torch.float32, "local")
+    for name, param in model.named_parameters():
+        split = hf_llm.partition_of(name)
+        if getattr(param, "tensor_model_parallel", False):
+            assert split == (param.partition_dim, getattr(param, "partition_stride", 1)), name
+        else:
+            assert split is None, name
+
+
+def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_world):
+    """Several samples (one image expanding into ~100 visual tokens) in one packed row give
+    the same per-token losses as each sample alone."""
+    from viq_megatron.data.conversations import Sample
+    from viq_megatron.data.multimodal import encode_sample, pack_samples
+    from viq_megatron.data.text import SentencePieceTokenizer, Turn
+    from viq_megatron.encode import build_encoder
+    from viq_megatron.models.multimodal import EncoderVisualInput, Projector, VisionLanguageModel
+    from conftest import make_image, tiny_train_config
+
+    cfg = tiny_train_config(tmp_path, "data.image.max_pixels=32768")
+    torch.manual_seed(0)
+    llm = build_llm(cfg.model.llm.arch, 1, torch.float32, "local")
+    encoder, _ = build_encoder(cfg)
+    model = VisionLanguageModel(EncoderVisualInput(encoder, Projector(64, 64, torch.float32)), llm).eval()
+    texts = ["Describe the image.", "A red circle.", "Two blue squares on grey.", "What colour?", "green"]
+    tokenizer = SentencePieceTokenizer.train(texts * 4, 300, tmp_path / "sp")
+    samples = []
+    for i, (size, turns) in enumerate([
+        ((160, 144), [Turn("user", "<image>\nDescribe the image."), Turn("assistant", "A red circle.")]),
+        (None, [Turn("user", "What colour?"), Turn("assistant", "green")]),
+        ((48, 32), [Turn("user", "Describe the image. <image>"), Turn("assistant", "Two blue squares on grey."),
+                    Turn("user", "What colour?"), Turn("assistant", "green")]),
+    ]):
+        images = (make_image(tmp_path / f"{i}.png", size=size, seed=i),) if size else ()
+        sample = Sample(f"s{i}", tuple(turns), images)
+        samples.append(encode_sample(sample, tokenizer, cfg.data.image, 16, 32))
+    assert len(samples[0].visual_slots) == 90  # 160x144 -> 10 x 9 patches
+    packed = pack_samples(samples)
+    with torch.no_grad():
+        per_token = model(packed) * packed.loss_mask
+        alone = [(model(pack_samples([s])) * pack_samples([s]).loss_mask) for s in samples]
+    bounds = packed.cu_seqlens.tolist()
+    for k, single in enumerate(alone):
+        assert torch.allclose(per_token[bounds[k]:bounds[k + 1]], single, atol=1e-5), k
+    packed_mean = per_token.sum() / packed.loss_mask.sum()
+    weighted = sum(s.sum() for s in alone) / sum(pack_samples([s]).loss_mask.sum() for s in samples)
+    assert packed_mean.item() == pytest.approx(weighted.item(), rel=1e-6)
+    assert packed.position_ids[bounds[1]] == 0 and packed.position_ids[bounds[2]] == 0

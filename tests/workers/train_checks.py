@@ -1,0 +1,78 @@
+"""Training checks under torchrun; writes results as JSON to argv[2]; the tests assert on them.
+
+    single (1 process): a straight run and a stopped-and-resumed run
+    dp1 (1 process): 3 steps of 2 micro-batches
+    parallel (2 processes): DP=2 with 1 micro-batch each; TP=2 LLM logits from converted checkpoints
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import viq_megatron  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_train_config  # noqa: E402
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    lines = [json.loads(l) for l in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [l["loss"] for l in lines if l["split"] == "train"]
+
+
+def run(output_dir: Path, *overrides: str) -> list[float]:
+    from viq_megatron.training.trainer import Trainer
+
+    Trainer(tiny_train_config(output_dir, *overrides)).train()
+    return train_losses(output_dir)
+
+
+def single(work: Path) -> dict:
+    from viq_megatron.training.trainer import Trainer
+
+    straight = run(work / "straight")
+    stopped = Trainer(tiny_train_config(work / "resumed"))
+    while stopped.step < 2:
+        stopped.metrics.write(stopped.step + 1, "train", stopped.train_step(), console=False)
+    stopped.save()
+    stopped.metrics.close()
+    resumed = Trainer(tiny_train_config(work / "resumed"))
+    resumed_from = resumed.step
+    resumed.train()
+    return {"straight": straight, "resumed": train_losses(work / "resumed"), "resumed_from": resumed_from}
+
+
+def parallel(work: Path, checkpoints: list[str]) -> dict:
+    from megatron.core import parallel_state
+
+    from viq_megatron.config import ParallelConfig
+    from viq_megatron.models.hf_llm import load_llm_weights, read_arch
+    from viq_megatron.models.llm import build_llm
+    from viq_megatron.runtime.distributed import initialize
+
+    result = {"dp2": run(work / "dp2", "train.micro_batches=1", "train.steps=3")}
+    initialize(ParallelConfig(tensor_model_parallel_size=2), seed=0)
+    for checkpoint in checkpoints:
+        expected = torch.load(Path(checkpoint) / "reference_logits.pt", weights_only=True)
+        model = build_llm(read_arch(checkpoint), 2, torch.float32, "local").eval()
+        load_llm_weights(model, checkpoint)
+        ids = expected["ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1),
+                           attention_mask=None, runtime_gather_output=True)
+        result[checkpoint] = (logits - expected["logits"]).abs().max().item()
+    parallel_state.destroy_model_parallel()
+    return result
+
+
+if __name__ == "__main__":
+    mode, out, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if mode == "single":
+        result = single(work)
+    elif mode == "dp1":
+        result = {"dp1": run(work / "dp1", "train.micro_batches=2", "train.steps=3")}
+    else:
+        result = parallel(work, sys.argv[4:])
+    if torch.distributed.get_rank() == 0:
+        out.write_text(json.dumps(result))
