@@ -95,8 +95,44 @@ class LLMConfig:
 
 
 @dataclass
+class HeadConfig:
+    """The ViQ quantization head between encoder and projector (stage 2)."""
+
+    pre_layers: int = 3  # transformer blocks at the encoder's width
+    subtoken_size: int = 256  # width of each of a patch's 2x2 sub-tokens (= head dim of the head-wise blocks)
+    subtoken_layers: int = 3  # head-wise blocks: the 4 sub-tokens of a patch are its 4 attention heads
+    subtoken_ffn_size: int = 2048
+    rope: bool = True  # 2D RoPE over the patch grid in the head-wise blocks
+    rope_base: float = 100.0
+    post_blocks: int = 2  # per-token residual MLP blocks after the merge
+    quantizer: Literal["identity", "linf", "fsq", "progressive"] = "fsq"
+    codebook: Literal["2k", "4k", "8k", "16k", "64k"] = "16k"  # FSQ preset (levels)
+    progressive_steps: int = 0  # progressive: steps over which linf blends into fsq
+
+    def __post_init__(self) -> None:
+        _require(self.subtoken_size % 4 == 0, "subtoken_size", "must be divisible by 4 (2D RoPE)")
+        _require(self.quantizer != "progressive" or self.progressive_steps > 0, "progressive_steps",
+                 "must be > 0 for the progressive quantizer")
+
+
+@dataclass
+class DecoderConfig:
+    """Pixel decoder: dequantized sub-token features (one per 8x8 pixels) -> pixels."""
+
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_attention_heads: int = 8
+    ffn_hidden_size: int = 2048
+    rope_base: float = 100.0
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.5
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    head: Optional[HeadConfig] = None
+    decoder: Optional[DecoderConfig] = None
     llm: Optional[LLMConfig] = None
     # auto: Transformer Engine layers when TE imports (CUDA), Megatron-Core local layers otherwise.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
@@ -179,7 +215,10 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["stage1"] = "stage1"
+    stage: Literal["stage1", "stage2", "decoder"] = "stage1"
+    # A checkpoint (directory, or a run's output_dir) of an earlier stage: the weights it
+    # shares with this stage's model are loaded before training.
+    init_from: str = ""
     steps: int = 100
     # Packed sequences per data-parallel rank per step (gradient accumulation).
     micro_batches: int = 1
@@ -187,6 +226,10 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=lambda: ["llm"])
     distill_weight: float = 1.0
     distill_loss: Literal["cosine", "mse"] = "cosine"
+    # Stage 2: MSE of the head's output against the encoder's tokens (0 = off).
+    reconstruct_weight: float = 0.0
+    # Stage 2: log codebook usage, perplexity and level histograms every N steps.
+    codebook_every: int = 10
     log_every: int = 1
     eval_every: int = 20
     eval_batches: int = 4
@@ -255,6 +298,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key = str(e).split(":", 1)[0]
         blame = "command line" if any(key.startswith(k) for k in overridden) else source
         raise ConfigError(f"{blame}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """A validated Config from a plain dict (e.g. a saved JSON), errors naming `source`."""
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ image's codes independent of what it was packed with).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,6 +24,22 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+@dataclass
+class PackedRotaryParams(PackedSeqParams):
+    """Packed-sequence parameters that also carry per-token rotary angles [tokens, head_dim / 2],
+    for positions Megatron's 1-D RoPE cannot express (2D RoPE over an image's patch grid)."""
+
+    rotary_angles: Optional[torch.Tensor] = None
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [tokens, heads, d], angles [tokens, d / 2]."""
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
 
 class PackedSDPAttention(MegatronModule):
@@ -77,6 +94,9 @@ class PackedSDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("PackedSDPAttention does not take an attention bias")
         causal = (attn_mask_type or self.attn_mask_type) in _CAUSAL
+        angles = getattr(packed_seq_params, "rotary_angles", None)
+        if angles is not None:
+            query, key = apply_rotary(query, angles), apply_rotary(key, angles)
         if packed_seq_params is not None:
             # thd: query [tokens, heads, d]; one SDPA call per sequence.
             # [1, heads, L, d] views of the token-major memory: no copies, and the layout

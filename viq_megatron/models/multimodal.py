@@ -14,7 +14,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.data.multimodal import PackedBatch
-from viq_megatron.models.vit import NativeResolutionViT
+from viq_megatron.models.viq_head import ViQHead
+from viq_megatron.models.vit import NativeResolutionViT, row_blocked
 
 
 class Projector(torch.nn.Module):
@@ -41,6 +42,24 @@ class EncoderVisualInput(MegatronModule):
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         self.last_features = self.encoder(batch.images)
         return self.projector(self.last_features)
+
+
+class QuantizedVisualInput(MegatronModule):
+    """Images -> encoder -> ViQ head (quantized) -> projector: the online discrete visual input."""
+
+    def __init__(self, encoder: NativeResolutionViT, head: ViQHead, projector: Projector):
+        super().__init__(config=encoder.config)
+        self.encoder = encoder
+        self.head = head
+        self.projector = projector
+        self.last_encoder_tokens: torch.Tensor | None = None
+        self.last_features: torch.Tensor | None = None  # head output of the last batch (distillation)
+        self.last_bottleneck: torch.Tensor | None = None  # [N, 4, d] before the quantizer (codebook stats)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        self.last_encoder_tokens = self.encoder(batch.images)
+        self.last_features, self.last_bottleneck = self.head(self.last_encoder_tokens, batch.images)
+        return row_blocked(self.projector, self.last_features)  # as ViQTokenizer.embed computes it
 
 
 class VisionLanguageModel(MegatronModule):

@@ -27,16 +27,18 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
-                               impl: str) -> TransformerConfig:
+def bidirectional_transformer_config(hidden_size: int, num_layers: int, num_heads: int, ffn_hidden_size: int,
+                                     eps: float, tensor_parallel: int, params_dtype: torch.dtype,
+                                     impl: str) -> TransformerConfig:
+    """Pre-LayerNorm blocks with biases and tanh-GELU (SigLIP-style), no dropout."""
     return TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        ffn_hidden_size=ffn_hidden_size,
+        num_attention_heads=num_heads,
+        kv_channels=hidden_size // num_heads,
         normalization="LayerNorm",
-        layernorm_epsilon=cfg.layernorm_epsilon,
+        layernorm_epsilon=eps,
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=False,
@@ -54,6 +56,20 @@ def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_
         pipeline_dtype=params_dtype,
         transformer_impl="transformer_engine" if impl == "transformer_engine" else "local",
     )
+
+
+def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
+                               impl: str) -> TransformerConfig:
+    return bidirectional_transformer_config(cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads,
+                                            cfg.ffn_hidden_size, cfg.layernorm_epsilon, tensor_parallel,
+                                            params_dtype, impl)
+
+
+def row_blocked(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn over the rows of x, padded to a multiple of ROW_BLOCK rows (see ROW_BLOCK)."""
+    rows = x.shape[0]
+    padded = -(-rows // ROW_BLOCK) * ROW_BLOCK
+    return fn(F.pad(x, (0, 0, 0, padded - rows)))[:rows]
 
 
 class NativeResolutionViT(MegatronModule):

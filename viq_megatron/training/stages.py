@@ -1,32 +1,38 @@
 """Training stages: what each one builds, trains and freezes, and which losses it adds.
 
-The loop (trainer.py) is the same for every stage; a stage only supplies its model and
-its auxiliary losses through a `Stage`.
+The loop (trainer.py) is the same for every stage. A stage supplies its model, its
+losses as local sums, the count each sum is normalised by (known before the forward
+pass, so normalisation is global over ranks and micro-batches) and their weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.config import Config
 from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.encode import build_encoder, params_dtype
 from viq_megatron.models.hf_llm import load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm
-from viq_megatron.models.multimodal import EncoderVisualInput, Projector, VisionLanguageModel
+from viq_megatron.models.multimodal import EncoderVisualInput, Projector, QuantizedVisualInput, VisionLanguageModel
+from viq_megatron.models.pixel_decoder import PixelDecoder, blocks_to_image, patches_to_image, psnr, ssim
 from viq_megatron.models.specs import resolve_transformer_impl
+from viq_megatron.models.viq_head import ViQHead
+from viq_megatron.models.vit import row_blocked
+from viq_megatron.training.codebook import CodebookStats
 
 
 @dataclass
 class Stage:
-    model: VisionLanguageModel
-    # (model, batch) -> {"name": (local sum, count)}: auxiliary losses added to the caption loss,
-    # each normalised by its global count and weighted by `aux_weights`.
-    aux_losses: Callable[[VisionLanguageModel, PackedBatch], dict[str, tuple[torch.Tensor, float]]]
-    aux_weights: dict[str, float]
+    model: MegatronModule
+    losses: Callable[[MegatronModule, PackedBatch], dict[str, torch.Tensor]]  # local sums
+    counts: Callable[[PackedBatch], dict[str, float]]  # what each sum is divided by
+    weights: dict[str, float]  # objective = sum of weight * global mean
+    on_step: Callable[[int], dict] = field(default=lambda step: {})  # schedules; extra metrics to log
 
 
 def build_llm_from_config(cfg: Config):
@@ -39,6 +45,12 @@ def build_llm_from_config(cfg: Config):
     return llm.cuda() if torch.cuda.is_available() else llm
 
 
+def build_head(cfg: Config) -> ViQHead:
+    head = ViQHead(cfg.model.head, cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
+                   params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl))
+    return head.cuda() if torch.cuda.is_available() else head
+
+
 def pooled_per_image(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Mean token of each image: [images, hidden]."""
     bounds = cu_seqlens.tolist()
@@ -46,10 +58,42 @@ def pooled_per_image(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Te
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-image loss between pooled features [images, hidden] (summed over images)."""
+    """Per-image loss between pooled features [images, hidden], summed over images."""
     if kind == "cosine":
         return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).sum()
     return F.mse_loss(student.float(), teacher.float(), reduction="none").mean(-1).sum()
+
+
+def _frozen_teacher(cfg: Config, encoder) -> torch.nn.Module:
+    teacher, _ = build_encoder(cfg)  # megatron modules hold process groups: no deepcopy
+    teacher.load_state_dict(encoder.state_dict())
+    return teacher.eval().requires_grad_(False)
+
+
+def _caption_stage(cfg: Config, visual: MegatronModule, llm, distill_target, extra_losses=None) -> Stage:
+    """Caption loss through the LLM + self-distillation of the visual features' pooled vector
+    toward `distill_target(visual, batch)` (pooled, one row per image)."""
+    model = VisionLanguageModel(visual, llm)
+
+    def losses(model: VisionLanguageModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        per_token = model(batch)
+        out = {"caption": (per_token * batch.loss_mask.to(per_token.device)).sum()}
+        if batch.images is not None:
+            student = pooled_per_image(model.visual.last_features, batch.images.cu_seqlens)
+            with torch.no_grad():
+                target = distill_target(model.visual, batch)
+            out["distill"] = distillation(student, target, cfg.train.distill_loss)
+            if extra_losses is not None:
+                out.update(extra_losses(model.visual))
+        return out
+
+    def counts(batch: PackedBatch) -> dict[str, float]:
+        images = float(batch.images.num_images) if batch.images is not None else 0.0
+        tokens = float(batch.images.num_tokens) if batch.images is not None else 0.0
+        return {"caption": float(batch.num_loss_tokens), "distill": images, "reconstruct": tokens}
+
+    weights = {"caption": 1.0, "distill": cfg.train.distill_weight, "reconstruct": cfg.train.reconstruct_weight}
+    return Stage(model, losses, counts, weights)
 
 
 def build_stage1(cfg: Config) -> Stage:
@@ -59,20 +103,119 @@ def build_stage1(cfg: Config) -> Stage:
     encoder, _ = build_encoder(cfg)
     projector = Projector(cfg.model.encoder.hidden_size, llm.config.hidden_size, params_dtype(cfg.model.params_dtype))
     visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device))
-    model = VisionLanguageModel(visual, llm)
-    teacher, _ = build_encoder(cfg)  # megatron modules hold process groups: no deepcopy
-    teacher.load_state_dict(encoder.state_dict())
-    teacher.eval().requires_grad_(False)
+    teacher = _frozen_teacher(cfg, encoder)
 
-    def aux_losses(model: VisionLanguageModel, batch: PackedBatch) -> dict[str, tuple[torch.Tensor, float]]:
-        if batch.images is None or cfg.train.distill_weight == 0:
+    def fixed_resolution_teacher(visual, batch: PackedBatch) -> torch.Tensor:
+        return pooled_per_image(teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
+
+    return _caption_stage(cfg, visual, llm, fixed_resolution_teacher)
+
+
+def build_stage2(cfg: Config) -> Stage:
+    """The quantization head between encoder and projector (2-1: linf, 2-2: fsq, or the
+    progressive bridge), trained by the caption loss, distillation toward the (frozen)
+    stage-1 encoder's pooled features and an optional reconstruction of its tokens.
+    Initialised from a stage-1 checkpoint (train.init_from)."""
+    if cfg.model.head is None:
+        raise ValueError("stage2 needs model.head")
+    llm = build_llm_from_config(cfg)
+    visual = build_visual_tokenizer(cfg, llm.config.hidden_size)
+    head = visual.head
+
+    def reconstruct(visual: QuantizedVisualInput) -> dict[str, torch.Tensor]:
+        if cfg.train.reconstruct_weight == 0:
             return {}
-        student = pooled_per_image(model.visual.last_features, batch.images.cu_seqlens)
+        target = visual.last_encoder_tokens.detach().float()
+        return {"reconstruct": F.mse_loss(visual.last_features.float(), target, reduction="none").mean(-1).sum()}
+
+    def stage1_features(visual: QuantizedVisualInput, batch: PackedBatch) -> torch.Tensor:
+        # The head must keep what the text-aligned stage-1 encoder carries.
+        return pooled_per_image(visual.last_encoder_tokens.detach(), batch.images.cu_seqlens)
+
+    stage = _caption_stage(cfg, visual, llm, stage1_features, reconstruct)
+    stats = CodebookStats(head.quantizer.fsq)
+    inner_losses = stage.losses
+
+    def losses(model: VisionLanguageModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        out = inner_losses(model, batch)
+        if batch.images is not None and head.quantizer.kind != "identity":
+            with torch.no_grad():
+                stats.add(head.indices(model.visual.last_bottleneck))
+        return out
+
+    def on_step(step: int) -> dict:
+        if head.quantizer.kind == "progressive":
+            head.quantizer.blend = min(1.0, step / cfg.model.head.progressive_steps)
+        if cfg.train.codebook_every > 0 and step > 0 and step % cfg.train.codebook_every == 0:
+            return {"fsq_blend": head.quantizer.blend, **stats.summary()}
+        return {}
+
+    return Stage(stage.model, losses, stage.counts, stage.weights, on_step)
+
+
+class ReconstructionModel(MegatronModule):
+    """A frozen tokenizer (encoder + head) and the pixel decoder it feeds."""
+
+    def __init__(self, visual: QuantizedVisualInput, decoder: PixelDecoder, mean: list[float], std: list[float]):
+        super().__init__(config=decoder.config)
+        self.visual = visual
+        self.decoder = decoder
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+
+    def forward(self, images) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(reconstructed, original) images as [3, H, W] in [0, 1]."""
+        head = self.visual.head
         with torch.no_grad():
-            target = pooled_per_image(teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
-        return {"distill": (distillation(student, target, cfg.train.distill_loss), float(batch.images.num_images))}
+            z = head.pre_quantization(self.visual.encoder(images), images)
+            quantized = head.quantizer(z)
+        subtokens = row_blocked(head.from_code, quantized.reshape(-1, quantized.shape[-1]).to(
+            head.from_code.weight.dtype))
+        blocks = self.decoder(subtokens, images.grids)
+        patch = self.visual.encoder.patch_size
+        bounds = (images.cu_seqlens * 4).tolist()
+        scale, shift = self.std[:, None, None], self.mean[:, None, None]
+        out, target = [], []
+        for k, grid in enumerate(images.grids.tolist()):
+            out.append(blocks_to_image(blocks[bounds[k]:bounds[k + 1]], grid).float() * scale + shift)
+            original = images.patches[images.cu_seqlens[k]:images.cu_seqlens[k + 1]].to(out[-1].device)
+            target.append(patches_to_image(original, grid, patch).float() * scale + shift)
+        return out, target
 
-    return Stage(model, aux_losses, {"distill": cfg.train.distill_weight})
+
+def build_visual_tokenizer(cfg: Config, llm_hidden_size: int) -> QuantizedVisualInput:
+    encoder, _ = build_encoder(cfg)
+    projector = Projector(cfg.model.encoder.hidden_size, llm_hidden_size, params_dtype(cfg.model.params_dtype))
+    return QuantizedVisualInput(encoder, build_head(cfg), projector.to(encoder.patch_embedding.weight.device))
 
 
-STAGES = {"stage1": build_stage1}
+def build_pixel_decoder(cfg: Config) -> PixelDecoder:
+    decoder = PixelDecoder(cfg.model.decoder, cfg.model.head.subtoken_size, cfg.parallel.tensor_model_parallel_size,
+                           params_dtype(cfg.model.params_dtype))
+    return decoder.cuda() if torch.cuda.is_available() else decoder
+
+
+def build_decoder_stage(cfg: Config) -> Stage:
+    """The pixel decoder learns to draw a frozen tokenizer's codes (train.init_from a stage-2 run;
+    freeze [visual]): L1 + SSIM, with PSNR reported."""
+    if cfg.model.head is None or cfg.model.decoder is None:
+        raise ValueError("the decoder stage needs model.head and model.decoder")
+    arch = read_arch(cfg.model.llm.checkpoint) if cfg.model.llm.checkpoint else cfg.model.llm.arch
+    model = ReconstructionModel(build_visual_tokenizer(cfg, arch.hidden_size), build_pixel_decoder(cfg),
+                                cfg.data.image.mean, cfg.data.image.std)
+
+    def losses(model: ReconstructionModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        out, target = model(batch.images)
+        return {"l1": sum((o - t).abs().sum() for o, t in zip(out, target)),
+                "ssim": sum(1 - ssim(o, t) for o, t in zip(out, target)),
+                "psnr": sum(psnr(o.clamp(0, 1), t).detach() for o, t in zip(out, target))}
+
+    def counts(batch: PackedBatch) -> dict[str, float]:
+        return {"l1": float(batch.images.patches.numel()), "ssim": float(batch.images.num_images),
+                "psnr": float(batch.images.num_images)}
+
+    weights = {"l1": cfg.model.decoder.l1_weight, "ssim": cfg.model.decoder.ssim_weight, "psnr": 0.0}
+    return Stage(model, losses, counts, weights)
+
+
+STAGES = {"stage1": build_stage1, "stage2": build_stage2, "decoder": build_decoder_stage}

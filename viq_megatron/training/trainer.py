@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -110,6 +110,8 @@ class Trainer:
                      len(self.train_data.skipped) + len(self.val_data.skipped), self.counters["malformed"])
         if cfg.train.resume and (last := latest_checkpoint(self.checkpoint_dir)) is not None:
             self.load(last)
+        elif cfg.train.init_from:
+            self.init_from(Path(cfg.train.init_from))
 
     # ------------------------------------------------------------------ set-up pieces
     def _build_tokenizer(self, train_samples):
@@ -143,6 +145,19 @@ class Trainer:
                                {"step": self.step, "scheduler": self.scheduler.state_dict()})
         log.info("saved %s", path)
 
+    def init_from(self, path: Path) -> None:
+        """Loads the weights this model shares with an earlier stage's checkpoint."""
+        path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+        available = dist_checkpointing.load_tensors_metadata(str(path))
+        wanted = self.model.module.sharded_state_dict()
+        shared = {k: v for k, v in wanted.items() if getattr(v, "key", None) in available}
+        if not shared:
+            raise ValueError(f"{path}: shares no weights with stage {self.cfg.train.stage}")
+        loaded = dist_checkpointing.load({"model": shared}, str(path))["model"]
+        self.model.module.load_state_dict(loaded, strict=False)
+        log.info("initialised %d tensors from %s (%d of this model's are new)", len(shared), path,
+                 len(wanted) - len(shared))
+
     def load(self, path: Path) -> None:
         state, trainer_state = load_checkpoint(path, self._checkpointed_state(is_loading=True))
         self.model.module.load_state_dict(state["model"], strict=False)
@@ -165,28 +180,24 @@ class Trainer:
 
     def _losses(self, batches: list[PackedBatch], train: bool) -> dict[str, float]:
         """Forward (and backward when training) over this rank's batches; global-mean losses."""
-        aux_names = list(self.stage.aux_weights)
-        counts = self._global_sum([sum(b.num_loss_tokens for b in batches)] + [
-            sum(float(b.images.num_images) if b.images is not None else 0.0 for b in batches)] * len(aux_names))
-        tokens, aux_counts = counts[0], dict(zip(aux_names, counts[1:]))
-        sums = {"caption": 0.0, **{n: 0.0 for n in aux_names}}
+        names = list(self.stage.weights)
+        local_counts = [sum(self.stage.counts(b).get(n, 0.0) for b in batches) for n in names]
+        counts = dict(zip(names, self._global_sum(local_counts)))
+        sums = dict.fromkeys(names, 0.0)
         for batch in batches:
             with torch.set_grad_enabled(train):
-                per_token = self.model(batch)
-                caption_sum = (per_token * batch.loss_mask.to(per_token.device)).sum()
-                objective = caption_sum / max(tokens, 1.0)
-                for name, (value, _) in self.stage.aux_losses(self.model.module, batch).items():
-                    objective = objective + self.stage.aux_weights[name] * value / max(aux_counts[name], 1.0)
-                    sums[name] += value.item()
+                values = self.stage.losses(self.model, batch)
+                objective = sum(self.stage.weights[n] * v / max(counts[n], 1.0) for n, v in values.items())
             if train:
                 # DDP averages gradients over data-parallel ranks; the objective is a global sum.
                 (objective * self.dp_size).backward()
-            sums["caption"] += caption_sum.item()
+            for name, value in values.items():
+                sums[name] += value.item()
         totals = self._global_sum(list(sums.values()))
-        return {name: total / max(tokens if name == "caption" else aux_counts[name], 1.0)
-                for name, total in zip(sums, totals)}
+        return {name: total / max(counts[name], 1.0) for name, total in zip(names, totals) if counts[name] > 0}
 
     def train_step(self) -> dict[str, float]:
+        extra = self.stage.on_step(self.step)
         start = time.perf_counter()
         batches = [self.train_data[row] for row in self._rows(self.step)]
         data_time = time.perf_counter() - start
@@ -201,10 +212,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         samples, tokens = self._global_sum([sum(len(b.sources) for b in batches),
                                             sum(len(b.tokens) for b in batches)])
-        return {"loss": losses["caption"], **{k: v for k, v in losses.items() if k != "caption"},
+        primary = next(iter(losses))
+        return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary},
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
                 "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                "step_time_s": seconds, "data_time_s": data_time, "skipped": float(update_ok is False)}
+                "step_time_s": seconds, "data_time_s": data_time, "skipped": float(update_ok is False), **extra}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -212,8 +224,9 @@ class Trainer:
         rows = range(min(self.cfg.train.eval_batches * self.dp_size, self.val_data.rows_per_epoch()))
         mine = [self.val_data[r] for r in rows if r % self.dp_size == self.dp_rank]
         losses = self._losses(mine, train=False)
-        return {"loss": losses["caption"], **{k: v for k, v in losses.items() if k != "caption"},
-                "perplexity": math.exp(min(losses["caption"], 50.0))}
+        primary = next(iter(losses))
+        return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary},
+                "perplexity": math.exp(min(losses[primary], 50.0))}
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg.train
@@ -225,6 +238,9 @@ class Trainer:
             self.metrics.write(self.step, "val", last_eval)
         while self.step < cfg.steps:
             metrics = self.train_step()
+            if "codebook_usage" in metrics:
+                self.metrics.write(self.step, "codebook", {k: metrics.pop(k) for k in list(metrics)
+                                                           if k.startswith(("codebook", "codes", "level"))})
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.metrics.write(self.step, "train", {**metrics, "skipped_samples": float(
                     len(self.train_data.skipped)), "malformed_samples": float(self.counters["malformed"])})

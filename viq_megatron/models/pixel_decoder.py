@@ -1,0 +1,99 @@
+"""Pixel decoder: ViQ codes back to pixels at the image's native resolution.
+
+The reference leaves its decoder unreleased; ours reads the head's dequantized sub-token
+features (one per 8x8 pixels, after `from_code`), lays them on the fine 2H x 2W grid,
+runs a packed bidirectional transformer with 2D RoPE over that grid (attention within
+each image, like the encoder), and predicts each 8x8x3 block of pixels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from viq_megatron.config import DecoderConfig
+from viq_megatron.models.attention import PackedRotaryParams
+from viq_megatron.models.specs import transformer_layer_spec
+from viq_megatron.models.viq_head import grid_rope_angles
+from viq_megatron.models.vit import ROW_BLOCK, bidirectional_transformer_config, row_blocked
+
+CODE_PIXELS = 8  # one code per 8x8 pixels
+
+
+def raster_order(grid_h: int, grid_w: int) -> torch.Tensor:
+    """Permutation from patch-major sub-tokens ([patch][2x2]) to raster order on the 2H x 2W grid."""
+    fine = torch.arange(grid_h * grid_w * 4).reshape(grid_h, grid_w, 2, 2)
+    return fine.permute(0, 2, 1, 3).reshape(-1)
+
+
+class PixelDecoder(MegatronModule):
+    def __init__(self, cfg: DecoderConfig, subtoken_size: int, tensor_parallel: int, params_dtype: torch.dtype):
+        config = bidirectional_transformer_config(cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads,
+                                                  cfg.ffn_hidden_size, 1e-6, tensor_parallel, params_dtype, "local")
+        super().__init__(config=config)
+        self.cfg = cfg
+        self.input = torch.nn.Linear(subtoken_size, cfg.hidden_size, dtype=params_dtype)
+        self.blocks = TransformerBlock(config, transformer_layer_spec("local", causal=False), post_layer_norm=True)
+        self.output = torch.nn.Linear(cfg.hidden_size, CODE_PIXELS * CODE_PIXELS * 3, dtype=params_dtype)
+
+    def forward(self, subtokens: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """Sub-token features [4N, s], patch-major per image, with patch grids [images, 2]
+        -> pixel blocks [4N, 8*8*3] in raster order of each image's fine grid."""
+        fine_grids = grids * 2
+        counts = (fine_grids[:, 0] * fine_grids[:, 1]).tolist()
+        order, offset = [], 0
+        for (gh, gw), n in zip(grids.tolist(), counts):
+            order.append(raster_order(gh, gw) + offset)
+            offset += n
+        x = row_blocked(self.input, subtokens[torch.cat(order).to(subtokens.device)])
+        rows = x.shape[0]
+        padded = -(-rows // ROW_BLOCK) * ROW_BLOCK
+        bounds = [0] + torch.tensor(counts).cumsum(0).tolist() + ([padded] if padded > rows else [])
+        head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
+        angles = F.pad(grid_rope_angles(fine_grids, head_dim, self.cfg.rope_base).to(x.device),
+                       (0, 0, 0, padded - rows))
+        cu = torch.tensor(bounds, dtype=torch.int32, device=x.device)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        packed = PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                    max_seqlen_kv=longest, rotary_angles=angles)
+        h = self.blocks(hidden_states=F.pad(x, (0, 0, 0, padded - rows)).unsqueeze(1), attention_mask=None,
+                        packed_seq_params=packed).squeeze(1)[:rows]
+        return row_blocked(self.output, h)
+
+
+def blocks_to_image(blocks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Raster-ordered 8x8x3 blocks of one image -> [3, H, W]."""
+    fh, fw = grid[0] * 2, grid[1] * 2
+    p = CODE_PIXELS
+    return blocks.reshape(fh, fw, p, p, 3).permute(4, 0, 2, 1, 3).reshape(3, fh * p, fw * p)
+
+
+def patches_to_image(patches: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Encoder input patches [(gh*gw), p*p*3] of one image -> [3, H, W] (normalised pixels)."""
+    gh, gw = grid
+    return patches.reshape(gh, gw, patch, patch, 3).permute(4, 0, 2, 1, 3).reshape(3, gh * patch, gw * patch)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM of two images [3, H, W] (11x11 Gaussian window, sigma 1.5)."""
+    coords = torch.arange(11, dtype=torch.float32, device=x.device) - 5
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum())
+    window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return F.conv2d(t[None], window, padding=5, groups=3)[0]
+
+    x, y = x.float(), y.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return value.mean()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    mse = F.mse_loss(x.float(), y.float())
+    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))

@@ -1,0 +1,185 @@
+"""ViQTokenizer: images <-> discrete codes <-> LLM input embeddings, standalone.
+
+    from viq_megatron import ViQTokenizer
+    tok = ViQTokenizer.load("tokenizer_dir")
+    encoded = tok.encode(["photo.jpg", pil_image])    # codes [H/8, W/8] per image + resized size
+    embeddings = tok.embed([e.codes for e in encoded])  # [patches, llm_hidden] per image, from codes alone
+    images = tok.decode([e.codes for e in encoded])     # PIL images (needs a trained pixel decoder)
+    tok.save("copy_dir")                                # safetensors + viq_tokenizer.json
+
+No distributed set-up is needed: on first use a private single-process group is created
+for the Megatron-Core layers. The same module definitions serve training, export and
+this class, so `embed(encode(x))` equals what the online model feeds the LLM, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from viq_megatron.config import Config, ConfigError, ParallelConfig, config_from_dict
+from viq_megatron.data.images import ImageSource, load_native_image
+from viq_megatron.data.packing import PackedImages
+from viq_megatron.models.pixel_decoder import blocks_to_image, raster_order
+from viq_megatron.models.vit import row_blocked
+
+CONFIG_FILE = "viq_tokenizer.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be loaded; one line naming the file."""
+
+
+@dataclass
+class EncodedImage:
+    codes: torch.Tensor  # [H/8, W/8] int64, one code per 8x8 pixels of the resized image
+    size: tuple[int, int]  # (width, height) of the resized image
+
+
+def _ensure_runtime() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from viq_megatron.runtime.distributed import initialize
+
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        initialize(ParallelConfig(), seed=0, environ={})
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise RuntimeError("ViQTokenizer runs with tensor parallelism 1")
+
+
+class ViQTokenizer:
+    def __init__(self, cfg: Config, llm_hidden_size: int):
+        from viq_megatron.training.stages import build_pixel_decoder, build_visual_tokenizer
+
+        if cfg.model.head is None:
+            raise ConfigError("model.head: missing (a ViQ tokenizer needs its quantization head)")
+        if cfg.model.head.quantizer != "fsq":
+            raise ConfigError(f"model.head.quantizer: {cfg.model.head.quantizer!r} has no codes; export an fsq head")
+        _ensure_runtime()
+        self.cfg = cfg
+        self.llm_hidden_size = llm_hidden_size
+        self.visual = build_visual_tokenizer(cfg, llm_hidden_size).eval()
+        self.decoder = build_pixel_decoder(cfg).eval() if cfg.model.decoder is not None else None
+
+    # ------------------------------------------------------------------ files
+    def _config_dict(self) -> dict:
+        model = {"encoder": dataclasses.asdict(self.cfg.model.encoder), "head": dataclasses.asdict(self.cfg.model.head),
+                 "params_dtype": self.cfg.model.params_dtype}
+        if self.cfg.model.decoder is not None:
+            model["decoder"] = dataclasses.asdict(self.cfg.model.decoder)
+        return {"model": model, "data": {"image": dataclasses.asdict(self.cfg.data.image)},
+                "llm_hidden_size": self.llm_hidden_size}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"visual.{k}": v for k, v in self.visual.state_dict().items() if torch.is_tensor(v)}
+        if self.decoder is not None:
+            state.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items() if torch.is_tensor(v)})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.state_dict()
+        for name, tensor in expected.items():
+            if name not in state:
+                raise TokenizerError(f"{source}: tensor {name} is missing")
+            if state[name].shape != tensor.shape:
+                raise TokenizerError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                                     f"expected {tuple(tensor.shape)}")
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise TokenizerError(f"{source}: unexpected tensor {unexpected[0]}")
+        for prefix, module in (("visual.", self.visual), ("decoder.", self.decoder)):
+            if module is not None:
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                       strict=False)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(self._config_dict(), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ViQTokenizer":
+        directory = Path(directory)
+        config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for file in (config_file, weights_file):
+            if not file.is_file():
+                raise TokenizerError(f"{file}: missing")
+        try:
+            raw = json.loads(config_file.read_text())
+            llm_hidden_size = int(raw.pop("llm_hidden_size"))
+            cfg = config_from_dict(raw, str(config_file))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise TokenizerError(f"{config_file}: {str(e).splitlines()[0]}") from None
+        tokenizer = cls(cfg, llm_hidden_size)
+        try:
+            state = load_file(str(weights_file))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise TokenizerError(f"{weights_file}: not a readable safetensors file ({e})") from None
+        tokenizer.load_state_dict(state, str(weights_file))
+        return tokenizer
+
+    # ------------------------------------------------------------------ the product
+    @property
+    def device(self) -> torch.device:
+        return self.visual.head.from_code.weight.device
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[ImageSource]) -> list[EncodedImage]:
+        """Images at any resolution -> one code per 8x8 pixels of each native-resolution image."""
+        loaded = [load_native_image(im, self.cfg.data.image, self.cfg.model.encoder.patch_size) for im in images]
+        packed = PackedImages.from_images(loaded)
+        head = self.visual.head
+        indices = head.indices(head.pre_quantization(self.visual.encoder(packed), packed))
+        out = []
+        for image, part in zip(loaded, packed.split(indices)):
+            gh, gw = image.grid
+            grid = part.reshape(-1)[raster_order(gh, gw).to(part.device)].reshape(2 * gh, 2 * gw)
+            out.append(EncodedImage(grid.cpu(), (gw * self.cfg.model.encoder.patch_size,
+                                                 gh * self.cfg.model.encoder.patch_size)))
+        return out
+
+    def _patch_major(self, codes: torch.Tensor) -> torch.Tensor:
+        fh, fw = codes.shape
+        if fh % 2 or fw % 2:
+            raise ValueError(f"a code grid has even sides (2x2 codes per patch), got {fh}x{fw}")
+        flat = torch.empty(fh * fw, dtype=torch.int64)
+        flat[raster_order(fh // 2, fw // 2)] = codes.reshape(-1).to(torch.int64).cpu()
+        return flat.reshape(-1, 4)
+
+    @torch.no_grad()
+    def embed(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Code grids -> LLM input embeddings [patches, llm_hidden] each (one per 16x16 patch)."""
+        out = []
+        for grid in codes:
+            features = self.visual.head.embed_codes(self._patch_major(grid).to(self.device))
+            out.append(row_blocked(self.visual.projector, features))
+        return out
+
+    @torch.no_grad()
+    def decode(self, codes: Sequence[torch.Tensor]) -> list[Image.Image]:
+        """Code grids -> images (the pixel decoder's reconstruction)."""
+        if self.decoder is None:
+            raise RuntimeError("this tokenizer has no pixel decoder (export one with --decoder-checkpoint)")
+        head, rules = self.visual.head, self.cfg.data.image
+        out = []
+        for grid in codes:
+            quantized = head.quantizer.fsq.indices_to_codes(self._patch_major(grid).to(self.device))
+            subtokens = row_blocked(head.from_code, quantized.reshape(-1, quantized.shape[-1]).to(
+                head.from_code.weight.dtype))
+            patch_grid = torch.tensor([[grid.shape[0] // 2, grid.shape[1] // 2]])
+            pixels = blocks_to_image(self.decoder(subtokens, patch_grid), tuple(patch_grid[0].tolist())).float()
+            pixels = pixels * torch.tensor(rules.std)[:, None, None] + torch.tensor(rules.mean)[:, None, None]
+            array = (pixels.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            out.append(Image.fromarray(np.ascontiguousarray(array), "RGB"))
+        return out
+
