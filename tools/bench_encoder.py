@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import viq_megatron  # noqa: F401
-from viq_megatron.config import load_config
+from viq_megatron.config import parse_command_line
 from viq_megatron.data.packing import PackedImages, greedy_pack
 from viq_megatron.encode import build_encoder, load_images, params_dtype
 from viq_megatron.runtime.distributed import initialize, shutdown
@@ -36,11 +36,9 @@ def padded_forward(encoder, images, device, dtype) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="examples/encoder_tiny_cpu.yaml")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    cfg = load_config(args.config, ["parallel.tensor_model_parallel_size=1", *args.overrides])
+    args, cfg = parse_command_line(parser, default_config="examples/encoder_tiny_cpu.yaml")
+    cfg.parallel.tensor_model_parallel_size = 1  # one process: the encoder alone
     initialize(cfg.parallel, cfg.seed)
     encoder, impl = build_encoder(cfg)
     encoder.eval()

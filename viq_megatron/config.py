@@ -7,6 +7,7 @@ the file (or "command line") and the dotted key.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -274,6 +275,20 @@ class Config:
 
 
 # ---------------------------------------------------------------- loading
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None, required: bool = True,
+                       default_config: str | None = None) -> tuple[argparse.Namespace, Config]:
+    """Adds `--config` and `key.sub=value` overrides to a job's parser; a config error
+    ends the process with its one line and exit status 2."""
+    parser.add_argument("--config", default=default_config, required=required and default_config is None,
+                        help="YAML config" + (f" (default {default_config})" if default_config else ""))
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    try:
+        return args, load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (safe loading) + `key.sub=value` overrides -> validated `Config`."""

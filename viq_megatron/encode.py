@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from viq_megatron.config import Config, ConfigError, load_config
+from viq_megatron.config import Config, parse_command_line
 from viq_megatron.data.embedded import shipped_photos
 from viq_megatron.data.images import ImageError, NativeImage, find_images, load_native_image
 from viq_megatron.data.packing import PackedImages, greedy_pack
@@ -56,15 +56,7 @@ def load_images(cfg: Config) -> tuple[list[NativeImage], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, cfg = parse_command_line(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), argv)
 
     from megatron.core import parallel_state
 

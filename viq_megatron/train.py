@@ -4,22 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from viq_megatron.config import ConfigError, load_config
+from viq_megatron.config import parse_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, cfg = parse_command_line(parser, argv)
     if cfg.model.llm is None:
-        print(f"error: {args.config}: model.llm: missing (training needs an LLM)", file=sys.stderr)
-        return 2
+        parser.exit(2, f"error: {args.config}: model.llm: missing (training needs an LLM)\n")
     from viq_megatron.runtime.distributed import shutdown
     from viq_megatron.training.trainer import Trainer
 

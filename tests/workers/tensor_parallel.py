@@ -61,8 +61,9 @@ def main(out_path: str, image_dir: str) -> None:
     torch.distributed.all_gather(gathered_forked, forked)
     torch.distributed.all_gather(gathered_shared, shared)
 
+    head_result = head_parity(image_dir)
     if torch.distributed.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({
+        Path(out_path).write_text(json.dumps({**head_result,
             "output_max_diff": (out - ref_out).abs().max().item(),
             "output_scale": ref_out.abs().max().item(),
             "grad_relative_diff": grad_diff,
@@ -70,8 +71,44 @@ def main(out_path: str, image_dir: str) -> None:
             "forked_streams_differ": not torch.equal(*gathered_forked),
             "shared_stream_agrees": torch.equal(*gathered_shared),
         }))
-    shutdown()
+
+
+def head_parity(image_dir: str) -> dict:
+    """Encoder + ViQ head at TP=2 vs TP=1 on the same weights: features, bottleneck, codes."""
+    from viq_megatron.training.stages import build_visual_tokenizer
+
+    head = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
+    cfg1 = load_config(None, [*TINY, head])
+    cfg2 = load_config(None, [*TINY, head, "parallel.tensor_model_parallel_size=2"])
+    images = [load_native_image(path, cfg1.data.image, 16) for path in sorted(Path(image_dir).glob("*.png"))]
+    packed = PackedImages.from_images(images)
+
+    def run(visual):
+        with torch.no_grad():
+            tokens = visual.encoder(packed)
+            z = visual.head.pre_quantization(tokens, packed)
+            return z, visual.head.post_quantization(visual.head.quantizer(z))
+
+    initialize(cfg1.parallel, seed=cfg1.seed)
+    dense = build_visual_tokenizer(cfg1, 64).eval()
+    weights = {k: v.clone() for k, v in dense.state_dict().items() if torch.is_tensor(v)}
+    z1, features1 = run(dense)
+    fsq = dense.head.quantizer.fsq
+    parallel_state.destroy_model_parallel()
+    initialize(cfg2.parallel, seed=cfg2.seed)
+    split = build_visual_tokenizer(cfg2, 64).eval()
+    load_full_state_dict(split, weights)
+    z2, features2 = run(split)
+    tau = (z2 - z1).abs().max()
+    digits = fsq.level_digits(fsq.codes_to_indices(fsq(z2)))
+    low = fsq.level_digits(fsq.codes_to_indices(fsq(z1 - tau)))
+    high = fsq.level_digits(fsq.codes_to_indices(fsq(z1 + tau)))
+    parallel_state.destroy_model_parallel()
+    return {"head_z_max_diff": tau.item(), "head_feature_max_diff": (features2 - features1).abs().max().item(),
+            "head_codes_consistent": bool(((digits >= low) & (digits <= high)).all()),
+            "head_codes_equal_fraction": (fsq.codes_to_indices(fsq(z2)) == fsq.codes_to_indices(fsq(z1))).float().mean().item()}
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    shutdown()

@@ -13,7 +13,8 @@ import torch
 import viq_megatron  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_train_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from conftest import TINY_TRAIN, tiny_train_config  # noqa: E402
 
 
 def train_losses(output_dir: Path) -> list[float]:
@@ -40,7 +41,36 @@ def single(work: Path) -> dict:
     resumed = Trainer(tiny_train_config(work / "resumed"))
     resumed_from = resumed.step
     resumed.train()
-    return {"straight": straight, "resumed": train_losses(work / "resumed"), "resumed_from": resumed_from}
+    return {"straight": straight, "resumed": train_losses(work / "resumed"), "resumed_from": resumed_from,
+            **stage2_chain(work)}
+
+
+HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
+DECODER = "model.decoder={hidden_size: 32, num_layers: 1, num_attention_heads: 2, ffn_hidden_size: 64}"
+
+
+def stage2_chain(work: Path) -> dict:
+    """stage 1 -> 2-1 (linf) -> 2-2 (fsq) -> decoder -> exported tokenizer, two steps each."""
+    from viq_megatron.tokenizer import ViQTokenizer
+    from tools.export_tokenizer import main as export
+
+    common = [HEAD, DECODER, "train.steps=2", "train.codebook_every=1", "train.freeze=[llm, visual.encoder]"]
+    run(work / "s2_1", *common, "train.stage=stage2", "model.head.quantizer=linf",
+        f"train.init_from={work / 'straight'}")
+    fsq = run(work / "s2_2", *common, "train.stage=stage2", "model.head.quantizer=fsq",
+              f"train.init_from={work / 's2_1'}")
+    run(work / "dec", *common, "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[visual]",
+        f"train.init_from={work / 's2_2'}")
+    codebook = [json.loads(l) for l in (work / "s2_2/metrics.jsonl").read_text().splitlines()
+                if json.loads(l)["split"] == "codebook"]
+    decoder = [json.loads(l) for l in (work / "dec/metrics.jsonl").read_text().splitlines()]
+    overrides = [*TINY_TRAIN, HEAD, DECODER, "model.head.quantizer=fsq", f"train.output_dir={work / 'x'}"]
+    assert export(["--checkpoint", str(work / "s2_2"), "--decoder-checkpoint", str(work / "dec"),
+                   "--out", str(work / "tok"), *overrides]) == 0
+    tok = ViQTokenizer.load(work / "tok")
+    return {"fsq_losses": fsq, "codebook": codebook[-1] if codebook else {},
+            "decoder_psnr": [l.get("psnr") for l in decoder if l["split"] == "train"],
+            "tokenizer_params": sum(v.numel() for v in tok.state_dict().values())}
 
 
 def parallel(work: Path, checkpoints: list[str]) -> dict:

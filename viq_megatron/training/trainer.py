@@ -134,9 +134,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def _checkpointed_state(self, is_loading: bool = False) -> dict:
-        # Frozen modules come from their pretrained source at start-up; they are not saved.
+        # A pretrained LLM is read from its own checkpoint at start-up (and, frozen, never
+        # changes): it is left out. Everything else is saved, so that each stage's checkpoint
+        # is complete for the next one.
+        llm = self.cfg.model.llm
+        pretrained_frozen_llm = llm is not None and bool(llm.checkpoint) and "llm" in self.cfg.train.freeze
         model_state = {k: v for k, v in self.model.module.sharded_state_dict().items()
-                       if not any(k == p or k.startswith(p + ".") for p in self.cfg.train.freeze)}
+                       if not (pretrained_frozen_llm and k.startswith("llm."))}
         return {"model": model_state,
                 "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
@@ -155,7 +159,7 @@ class Trainer:
             raise ValueError(f"{path}: shares no weights with stage {self.cfg.train.stage}")
         loaded = dist_checkpointing.load({"model": shared}, str(path))["model"]
         self.model.module.load_state_dict(loaded, strict=False)
-        log.info("initialised %d tensors from %s (%d of this model's are new)", len(shared), path,
+        log.info("initialised %d tensors from %s (%d others not in it)", len(shared), path,
                  len(wanted) - len(shared))
 
     def load(self, path: Path) -> None:
@@ -183,18 +187,21 @@ class Trainer:
         names = list(self.stage.weights)
         local_counts = [sum(self.stage.counts(b).get(n, 0.0) for b in batches) for n in names]
         counts = dict(zip(names, self._global_sum(local_counts)))
-        sums = dict.fromkeys(names, 0.0)
+        sums, seen = dict.fromkeys(names, 0.0), set()
         for batch in batches:
             with torch.set_grad_enabled(train):
-                values = self.stage.losses(self.model, batch)
+                values = self.stage.losses(self.model.module, batch)  # DDP hooks sit on the parameters
                 objective = sum(self.stage.weights[n] * v / max(counts[n], 1.0) for n, v in values.items())
             if train:
                 # DDP averages gradients over data-parallel ranks; the objective is a global sum.
                 (objective * self.dp_size).backward()
             for name, value in values.items():
                 sums[name] += value.item()
-        totals = self._global_sum(list(sums.values()))
-        return {name: total / max(counts[name], 1.0) for name, total in zip(names, totals) if counts[name] > 0}
+                seen.add(name)
+        totals = self._global_sum(list(sums.values()) + [float(n in seen) for n in names])
+        reported = totals[len(names):]  # a loss some rank computed
+        return {name: total / max(counts[name], 1.0)
+                for name, total, any_rank in zip(names, totals, reported) if any_rank}
 
     def train_step(self) -> dict[str, float]:
         extra = self.stage.on_step(self.step)

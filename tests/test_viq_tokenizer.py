@@ -1,0 +1,120 @@
+"""The ViQ head and ViQTokenizer: position awareness, offline == online, invariance, files."""
+import json
+
+import pytest
+import torch
+
+from viq_megatron.data.images import load_native_image
+from viq_megatron.data.packing import PackedImages
+from conftest import make_image, tiny_train_config
+
+HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 2, subtoken_ffn_size: 64, post_blocks: 1}"
+DECODER = "model.decoder={hidden_size: 32, num_layers: 1, num_attention_heads: 2, ffn_hidden_size: 64}"
+
+
+def tokenizer(tmp_path, *overrides):
+    from viq_megatron.tokenizer import ViQTokenizer
+
+    torch.manual_seed(0)
+    return ViQTokenizer(tiny_train_config(tmp_path, HEAD, DECODER, *overrides), llm_hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok_images")
+    return [make_image(folder / f"{i}.png", size=s, seed=i) for i, s in enumerate([(64, 48), (32, 32), (80, 96)])]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory, megatron_world):
+    return tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def pack(tok, paths):
+    return PackedImages.from_images([load_native_image(p, tok.cfg.data.image, 16) for p in paths])
+
+
+class Batch:
+    def __init__(self, images):
+        self.images = images
+
+
+def test_codes_shape_and_range(tok, paths):
+    encoded = tok.encode(paths)
+    for e, p in zip(encoded, paths):
+        grid = load_native_image(p, tok.cfg.data.image, 16).grid
+        assert e.codes.shape == (2 * grid[0], 2 * grid[1])  # one code per 8x8 pixels
+        assert e.size == (grid[1] * 16, grid[0] * 16)
+        assert e.codes.dtype == torch.int64 and 0 <= e.codes.min() and e.codes.max() < 15360
+
+
+def test_offline_embeddings_equal_online_features_exactly(tok, paths):
+    packed = pack(tok, paths)
+    with torch.no_grad():
+        online = packed.split(tok.visual(Batch(packed)))
+    offline = tok.embed([e.codes for e in tok.encode(paths)])
+    for a, b in zip(online, offline):
+        assert torch.equal(a, b)
+
+
+def test_codes_independent_of_pack_and_batch(tok, paths):
+    head = tok.visual.head
+    packed = pack(tok, paths)
+    with torch.no_grad():
+        together = packed.split(head.pre_quantization(tok.visual.encoder(packed), packed))
+        for k, path in enumerate(paths):
+            alone = pack(tok, [path])
+            z = head.pre_quantization(tok.visual.encoder(alone), alone)
+            assert torch.equal(z, together[k])  # pre-rounding values, bit for bit
+    batched = tok.encode(paths)
+    for k, path in enumerate(paths):
+        assert torch.equal(tok.encode([path])[0].codes, batched[k].codes)
+    assert torch.equal(tok.encode(paths[::-1])[0].codes, batched[-1].codes)
+
+
+def test_position_awareness(tmp_path, paths, megatron_world):
+    """Without RoPE the head is permutation-equivariant over an image's tokens; with it, not."""
+    for rope in (False, True):
+        tok = tokenizer(tmp_path / str(rope), f"model.head.rope={str(rope).lower()}")
+        head = tok.visual.head
+        images = pack(tok, paths[:1])
+        n = images.num_tokens
+        with torch.no_grad():
+            # Sharpen attention so positions matter at initialisation (random weights attend ~uniformly).
+            for name, p in head.subtoken_blocks.named_parameters():
+                if "linear_qkv.weight" in name:
+                    p.mul_(8.0)
+            tokens = torch.randn(n, 64, generator=torch.Generator().manual_seed(1))
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+            z = head.pre_quantization(tokens, images)
+            z_perm = head.pre_quantization(tokens[perm], images)
+            codes, permuted = head.indices(z), head.indices(z_perm)
+        if rope:
+            assert (z_perm - z[perm]).abs().max() > 0.1
+            assert not torch.equal(permuted, codes[perm])
+        else:
+            assert torch.allclose(z_perm, z[perm], atol=1e-4)
+            assert (permuted == codes[perm]).float().mean() > 0.99
+
+
+def test_save_load_round_trip_and_errors(tok, paths, tmp_path):
+    from viq_megatron.tokenizer import TokenizerError, ViQTokenizer
+
+    tok.save(tmp_path / "t")
+    loaded = ViQTokenizer.load(tmp_path / "t")
+    for name, tensor in tok.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(loaded.encode(paths)[2].codes, tok.encode(paths)[2].codes)
+    images = loaded.decode([e.codes for e in loaded.encode(paths)])
+    assert [im.size for im in images] == [e.size for e in tok.encode(paths)]
+
+    (tmp_path / "t/model.safetensors").rename(tmp_path / "t/moved")
+    with pytest.raises(TokenizerError, match=r"model.safetensors: missing$"):
+        ViQTokenizer.load(tmp_path / "t")
+    (tmp_path / "t/moved").rename(tmp_path / "t/model.safetensors")
+    config = json.loads((tmp_path / "t/viq_tokenizer.json").read_text())
+    config["model"]["head"]["subtoken_size"] = 48
+    (tmp_path / "t/viq_tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError) as e:
+        ViQTokenizer.load(tmp_path / "t")
+    assert "\n" not in str(e.value) and "has shape" in str(e.value) and "visual.head." in str(e.value)

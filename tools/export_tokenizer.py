@@ -1,0 +1,70 @@
+"""Export a trained ViQ tokenizer (stage-2 head, optionally a pixel decoder) as a ViQTokenizer directory.
+
+    python tools/export_tokenizer.py --config examples/stage2_tiny_cpu.yaml model.head.quantizer=fsq \\
+        --checkpoint runs/quickstart/stage2_2 [--decoder-checkpoint runs/quickstart/decoder] --out tokenizer/
+
+`--checkpoint` is a stage-2 run (or one of its checkpoints): encoder, head and projector.
+`--decoder-checkpoint` is a decoder-stage run. The config (file and/or overrides) gives
+the sizes; it must describe an fsq head.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import viq_megatron  # noqa: E402,F401
+
+
+def load_shared(module, prefix: str, path: Path) -> tuple[int, int]:
+    """Loads the tensors of `module` (keys under `prefix`) that the checkpoint holds;
+    (loaded, wanted) counts."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from viq_megatron.training.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+    available = dist_checkpointing.load_tensors_metadata(str(path))
+    wanted = {k: v for k, v in module.sharded_state_dict(prefix=prefix).items() if isinstance(v, ShardedTensor)}
+    shared = {k: v for k, v in wanted.items() if v.key in available}
+    if shared:
+        loaded = dist_checkpointing.load(shared, str(path))
+        module.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
+    return len(shared), len(wanted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from viq_megatron.config import parse_command_line
+    from viq_megatron.models.hf_llm import read_arch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--decoder-checkpoint", type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args, cfg = parse_command_line(parser, argv, required=False)
+    from viq_megatron.tokenizer import ViQTokenizer
+
+    llm = cfg.model.llm
+    hidden = read_arch(llm.checkpoint).hidden_size if llm.checkpoint else llm.arch.hidden_size
+    if args.decoder_checkpoint is None:
+        cfg.model.decoder = None
+    tok = ViQTokenizer(cfg, hidden)
+    sources = [(tok.visual, "visual.", args.checkpoint)]
+    if args.decoder_checkpoint is not None:
+        sources.append((tok.decoder, "decoder.", args.decoder_checkpoint))
+    for module, prefix, path in sources:
+        loaded, expected = load_shared(module, prefix, path)
+        if loaded < expected:
+            print(f"error: {path}: holds {loaded} of the {expected} tensors of {prefix.rstrip('.')}", file=sys.stderr)
+            return 2
+        print(f"{path}: {loaded} tensors")
+    tok.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
