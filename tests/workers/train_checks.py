@@ -54,9 +54,10 @@ def stage2_chain(work: Path) -> dict:
     from viq_megatron.tokenizer import ViQTokenizer
     from tools.export_tokenizer import main as export
 
-    common = [HEAD, DECODER, "train.steps=2", "train.codebook_every=1", "train.freeze=[llm, visual.encoder]"]
+    common = [HEAD, DECODER, "train.steps=2", "train.save_every=2", "train.codebook_every=1",
+              "train.freeze=[llm, visual.encoder]"]
     run(work / "s2_1", *common, "train.stage=stage2", "model.head.quantizer=linf",
-        f"train.init_from={work / 'straight'}")
+        f"train.init_from={work / 'resumed'}")  # saved at step 2
     fsq = run(work / "s2_2", *common, "train.stage=stage2", "model.head.quantizer=fsq",
               f"train.init_from={work / 's2_1'}")
     run(work / "dec", *common, "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[visual]",

@@ -152,6 +152,8 @@ class Trainer:
     def init_from(self, path: Path) -> None:
         """Loads the weights this model shares with an earlier stage's checkpoint."""
         path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+        if not (path / "trainer.pt").is_file():
+            raise FileNotFoundError(f"train.init_from: {path}: no checkpoint there")
         available = dist_checkpointing.load_tensors_metadata(str(path))
         wanted = self.model.module.sharded_state_dict()
         shared = {k: v for k, v in wanted.items() if getattr(v, "key", None) in available}
@@ -232,8 +234,8 @@ class Trainer:
         mine = [self.val_data[r] for r in rows if r % self.dp_size == self.dp_rank]
         losses = self._losses(mine, train=False)
         primary = next(iter(losses))
-        return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary},
-                "perplexity": math.exp(min(losses[primary], 50.0))}
+        perplexity = {"perplexity": math.exp(min(losses["caption"], 50.0))} if "caption" in losses else {}
+        return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary}, **perplexity}
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg.train
