@@ -4,7 +4,9 @@
 # 1. the test suite's CUDA-capable parts (the CPU compatibility layer must stay off);
 # 2. the main job on the SO400M-sized encoder in bf16: throughput, TFLOP/s, MFU;
 # 3. packed native-resolution vs padded batches, bf16;
-# 4. with Transformer Engine installed: the same encode with TE layers.
+# 4. the LLM training step (Qwen2.5-0.5B / 1.5B shapes, packed 4K rows): tokens/s, MFU;
+# 5. a seconds-long stage 1 in bf16 through the training loop (DDP, optimizer, checkpoints);
+# 6. with Transformer Engine installed: the same encode with TE layers.
 # Uses the python3 that holds a CUDA torch. A machine without megatron-core takes it
 # from .whl/ (pip download megatron-core==0.19.2 for its Python; see README).
 set -uo pipefail
@@ -26,6 +28,13 @@ step "encode, SO400M-sized encoder, bf16, local layers" \
     torchrun --nproc-per-node 1 -m viq_megatron.encode --config examples/encoder_so400m_gpu.yaml model.transformer_impl=local
 step "packed vs padded, SO400M-sized encoder, bf16" \
     python3 tools/bench_encoder.py --config examples/encoder_so400m_gpu.yaml --repeats 5 model.transformer_impl=local
+step "LLM step, Qwen2.5-0.5B shape, 4096 tokens in 4 samples, bf16" \
+    python3 tools/bench_llm.py --model qwen2.5-0.5b --seq-length 4096 --samples-per-row 4 --steps 10
+step "LLM step, Qwen2.5-1.5B shape, 4096 tokens in 4 samples, bf16" \
+    python3 tools/bench_llm.py --model qwen2.5-1.5b --seq-length 4096 --samples-per-row 4 --steps 10
+step "stage 1 smoke, bf16, CUDA/NCCL" \
+    torchrun --nproc-per-node 1 -m viq_megatron.train --config examples/stage1_smoke.yaml \
+    model.params_dtype=bfloat16 train.output_dir=/tmp/viq_stage1_smoke
 if python3 -c 'import transformer_engine.pytorch' 2>/dev/null; then
     step "encode, SO400M-sized encoder, bf16, Transformer Engine layers" \
         torchrun --nproc-per-node 1 -m viq_megatron.encode --config examples/encoder_so400m_gpu.yaml model.transformer_impl=transformer_engine

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from viq_megatron.config import EncoderConfig
+from viq_megatron.config import EncoderConfig, LLMArch
 
 # Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name.
 _PEAK_BF16_FLOPS = {
@@ -30,6 +30,16 @@ def vit_forward_flops(cfg: EncoderConfig, seqlens: Sequence[int]) -> float:
     attention = sum(4 * length * length * hidden for length in seqlens)  # QK^T and AV
     embedding = 2 * tokens * 3 * cfg.patch_size ** 2 * hidden
     return cfg.num_layers * (linears + attention) + embedding
+
+
+def llm_forward_flops(arch: LLMArch, seqlens: Sequence[int]) -> float:
+    """Forward FLOPs of the LLM over packed causal sequences of `seqlens` tokens (logits included)."""
+    tokens = sum(seqlens)
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    kv = 2 * arch.num_query_groups * (h // arch.num_attention_heads)
+    linears = 2 * tokens * (h * (h + kv) + h * h + 3 * h * f)  # qkv, proj, gate+up, down
+    attention = sum(2 * length * length * h for length in seqlens)  # causal: half of QK^T and AV
+    return arch.num_layers * (linears + attention) + 2 * tokens * h * arch.vocab_size
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -105,6 +105,8 @@ def setup_logging(rank: int) -> None:
     """Console logging: everything from the first process, only errors from the others."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines dump whole configs
+    # GPTModel is deprecated upstream in favour of HybridModel; it is the Llama/Qwen2 model we match.
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
 
 
 def shutdown() -> None:
