@@ -26,9 +26,11 @@ def hf_logits(hf_dir, ids):
 def our_logits(checkpoint, ids):
     model = build_llm(read_arch(checkpoint), 1, torch.float32, "local").eval()
     load_llm_weights(model, checkpoint)
+    device = next(model.parameters()).device
     positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
     with torch.no_grad():
-        return model(input_ids=ids, position_ids=positions, attention_mask=None, runtime_gather_output=True)
+        return model(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=None,
+                     runtime_gather_output=True).float().cpu()
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_HF))
@@ -98,7 +100,8 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
     torch.manual_seed(0)
     llm = build_llm(cfg.model.llm.arch, 1, torch.float32, "local")
     encoder, _ = build_encoder(cfg)
-    model = VisionLanguageModel(EncoderVisualInput(encoder, Projector(64, 64, torch.float32)), llm).eval()
+    projector = Projector(64, 64, torch.float32).to(encoder.patch_embedding.weight.device)
+    model = VisionLanguageModel(EncoderVisualInput(encoder, projector), llm).eval()
     texts = ["Describe the image.", "A red circle.", "Two blue squares on grey.", "What colour?", "green"]
     tokenizer = SentencePieceTokenizer.train(texts * 4, 300, tmp_path / "sp")
     samples = []
@@ -114,8 +117,8 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
     assert len(samples[0].visual_slots) == 90  # 160x144 -> 10 x 9 patches
     packed = pack_samples(samples)
     with torch.no_grad():
-        per_token = model(packed) * packed.loss_mask
-        alone = [(model(pack_samples([s])) * pack_samples([s]).loss_mask) for s in samples]
+        per_token = model(packed).cpu() * packed.loss_mask
+        alone = [(model(pack_samples([s])).cpu() * pack_samples([s]).loss_mask) for s in samples]
     bounds = packed.cu_seqlens.tolist()
     for k, single in enumerate(alone):
         assert torch.allclose(per_token[bounds[k]:bounds[k + 1]], single, atol=1e-5), k

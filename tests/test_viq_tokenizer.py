@@ -84,8 +84,8 @@ def test_position_awareness(tmp_path, paths, megatron_world):
             for name, p in head.subtoken_blocks.named_parameters():
                 if "linear_qkv.weight" in name:
                     p.mul_(8.0)
-            tokens = torch.randn(n, 64, generator=torch.Generator().manual_seed(1))
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+            tokens = torch.randn(n, 64, generator=torch.Generator().manual_seed(1)).to(tok.device)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(2)).to(tok.device)
             z = head.pre_quantization(tokens, images)
             z_perm = head.pre_quantization(tokens[perm], images)
             codes, permuted = head.indices(z), head.indices(z_perm)

@@ -178,7 +178,8 @@ class ViQTokenizer:
                 head.from_code.weight.dtype))
             patch_grid = torch.tensor([[grid.shape[0] // 2, grid.shape[1] // 2]])
             pixels = blocks_to_image(self.decoder(subtokens, patch_grid), tuple(patch_grid[0].tolist())).float()
-            pixels = pixels * torch.tensor(rules.std)[:, None, None] + torch.tensor(rules.mean)[:, None, None]
+            std, mean = (torch.tensor(v, device=pixels.device)[:, None, None] for v in (rules.std, rules.mean))
+            pixels = pixels * std + mean
             array = (pixels.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             out.append(Image.fromarray(np.ascontiguousarray(array), "RGB"))
         return out

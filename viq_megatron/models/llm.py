@@ -62,4 +62,6 @@ def build_llm(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, im
         rotary_base=arch.rotary_base,
         parallel_output=True,  # full logits on request via runtime_gather_output
     )
-    return model.to(params_dtype)
+    # Torch norms (local spec) are created on the CPU even where megatron's layers are not.
+    model = model.to(params_dtype)
+    return model.cuda() if torch.cuda.is_available() else model

@@ -42,7 +42,7 @@ def build_llm_from_config(cfg: Config):
     llm = build_llm(arch, cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype), impl)
     if llm_cfg.checkpoint:
         load_llm_weights(llm, llm_cfg.checkpoint)
-    return llm.cuda() if torch.cuda.is_available() else llm
+    return llm
 
 
 def build_head(cfg: Config) -> ViQHead:

@@ -180,7 +180,8 @@ class Trainer:
         return list(range(first, first + self.cfg.train.micro_batches))
 
     def _global_sum(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64)
+        # NCCL reduces device tensors only.
+        tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
         return tensor.tolist()
 
