@@ -5,7 +5,7 @@
 #   2. encode the shipped photos at native resolution, tensor-parallel over 2 processes;
 #   3. stage 1: a tiny native-resolution encoder learns from the frozen SmolLM2 (data-parallel
 #      over 2 processes); the validation caption loss is printed as it falls;
-#   4. stage 2-1 (L-inf hypercube projection) and 2-2 (FSQ, 16k codes) train the ViQ head;
+#   4. stage 2-1 (L-inf hypercube projection) and 2-2 (blended into FSQ, 16k codes) train the ViQ head;
 #   5. the pixel decoder learns to draw the codes; the tokenizer is exported and its
 #      reconstructions of the shipped photos are scored (PSNR / SSIM) and drawn.
 # Every stage resumes from its last checkpoint in runs/quickstart/ when re-run.
@@ -22,7 +22,7 @@ fi
 train --config examples/stage1_tiny_cpu.yaml train.output_dir=$run/stage1
 train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=linf \
     train.init_from=$run/stage1 train.output_dir=$run/stage2_1
-train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=fsq \
+train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=progressive model.head.progressive_steps=10 \
     train.init_from=$run/stage2_1 train.output_dir=$run/stage2_2
 train --config examples/decoder_tiny_cpu.yaml train.init_from=$run/stage2_2 train.output_dir=$run/decoder
 .venv/bin/python tools/export_tokenizer.py --config examples/decoder_tiny_cpu.yaml \

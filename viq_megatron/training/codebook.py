@@ -25,7 +25,7 @@ class CodebookStats:
         """Global (all-reduced) statistics of the codes seen since the last summary; resets."""
         from megatron.core import parallel_state
 
-        counts = self.counts.to("cuda" if torch.cuda.is_available() else "cpu")  # NCCL needs device tensors
+        counts = self.counts.to("cuda" if torch.cuda.is_available() else "cpu", copy=True)  # NCCL: device tensors
         if dist.is_initialized():  # tensor-parallel ranks saw the same codes: sum over data parallel only
             dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         counts = counts.cpu()
