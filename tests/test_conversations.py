@@ -122,3 +122,26 @@ def test_dataset_skips_and_counts_bad_samples(tmp_path, sp_tokenizer):
     assert sum(len(b.sources) for b in rows) == 1
     assert any(":2:" in r and "broken.jpg" in r for r in data.skipped)  # reported, with its reason
     assert len(data.skipped) == 2
+
+
+def test_row_order_is_a_pure_function_of_the_row(tmp_path, sp_tokenizer):
+    """Every sample once per epoch; a fresh dataset (a resumed job) reads the same rows."""
+    for i in range(12):
+        make_image(tmp_path / f"{i}.png", size=(32 + 16 * (i % 4), 32), seed=i)
+    samples = list(read_conversations(write_jsonl(tmp_path / "d.jsonl", [
+        conv(("human", "<image>\nDescribe the image."), ("gpt", "A red circle." * (1 + i % 3)), image=f"{i}.png")
+        for i in range(12)])))
+    rules = ImageConfig(min_pixels=256, max_pixels=4096)
+
+    def dataset():
+        return PackedConversationDataset(samples, sp_tokenizer, rules, 16, seq_length=160, teacher_side=32, seed=3)
+
+    first = dataset()
+    per_epoch = first.rows_per_epoch()
+    rows = [first.row_indices(r) for r in range(3 * per_epoch)]
+    for epoch in range(3):
+        assert sorted(i for row in rows[epoch * per_epoch:(epoch + 1) * per_epoch] for i in row) == list(range(12))
+    assert rows[:per_epoch] != rows[per_epoch:2 * per_epoch]  # reshuffled each epoch
+    resumed = dataset()
+    for r in (2 * per_epoch + 1, 0, per_epoch):
+        assert resumed.row_indices(r) == rows[r]

@@ -323,10 +323,6 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def _apply_override(data: dict[str, Any], item: str) -> str:
     """Sets `key.sub=value` (value parsed as YAML) in the raw dict; returns the key."""
     key, sep, raw = item.partition("=")

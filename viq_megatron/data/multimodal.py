@@ -145,6 +145,7 @@ class PackedConversationDataset:
         if not self.samples:
             raise ValueError("no usable samples")
         self._epochs: dict[int, list[list[int]]] = {}
+        self._rows_per_epoch: list[int] = []
         self.seq_length = seq_length
 
     def _skip(self, reason: str) -> None:
@@ -168,10 +169,13 @@ class PackedConversationDataset:
     def row_indices(self, row: int) -> list[int]:
         """The samples of global row `row` (rows of epoch 0, then epoch 1, ...)."""
         epoch = 0
-        while row >= len(self.epoch_rows(epoch)):
-            row -= len(self.epoch_rows(epoch))
+        while True:
+            if epoch == len(self._rows_per_epoch):  # each epoch's packing is counted once
+                self._rows_per_epoch.append(len(self.epoch_rows(epoch)))
+            if row < self._rows_per_epoch[epoch]:
+                return self.epoch_rows(epoch)[row]
+            row -= self._rows_per_epoch[epoch]
             epoch += 1
-        return self.epoch_rows(epoch)[row]
 
     def __getitem__(self, row: int) -> PackedBatch:
         encoded = []

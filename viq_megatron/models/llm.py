@@ -12,7 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from viq_megatron.config import ConfigError, LLMArch
-from viq_megatron.models.specs import transformer_layer_spec
+from viq_megatron.models.specs import common_config_kwargs, transformer_layer_spec
 
 
 def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype,
@@ -35,18 +35,7 @@ def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: to
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         rotary_interleaved=False,  # HF's rotate_half layout
-        apply_rope_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tensor_parallel,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        pipeline_dtype=params_dtype,
-        transformer_impl="transformer_engine" if impl == "transformer_engine" else "local",
+        **common_config_kwargs(tensor_parallel, params_dtype, impl),
     )
 
 

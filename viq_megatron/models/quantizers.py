@@ -111,8 +111,3 @@ class Quantizer(torch.nn.Module):
         if self.kind == "fsq" or self.blend >= 1.0:
             return self.fsq(z)
         return (1 - self.blend) * linf_project(z.float()) + self.blend * self.fsq(z)
-
-    @property
-    def discrete(self) -> bool:
-        """True when the output is exactly FSQ's grid, so it has indices."""
-        return self.kind == "fsq" or (self.kind == "progressive" and self.blend >= 1.0)

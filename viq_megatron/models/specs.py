@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -40,6 +41,17 @@ def resolve_transformer_impl(requested: str) -> str:
             log.info("Transformer Engine not available: using Megatron-Core local layers")
             _said_local = True
     return requested
+
+
+def common_config_kwargs(tensor_parallel: int, params_dtype: torch.dtype, impl: str) -> dict:
+    """TransformerConfig settings every model here shares: parallelism, precision, the layer
+    implementation, no dropout, and no fused kernels (they need TE or apex; TE fuses itself)."""
+    return dict(
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype,
+        transformer_impl="transformer_engine" if impl == "transformer_engine" else "local")
 
 
 def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:

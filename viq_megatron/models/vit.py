@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from viq_megatron.config import EncoderConfig
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.models.specs import transformer_layer_spec
+from viq_megatron.models.specs import common_config_kwargs, transformer_layer_spec
 
 # MKL computes a matmul of few rows through another kernel than a large one, so a
 # short sequence alone would round differently than inside a pack. Padding every pack
@@ -43,18 +43,7 @@ def bidirectional_transformer_config(hidden_size: int, num_layers: int, num_head
         add_qkv_bias=True,
         gated_linear_unit=False,
         activation_func=gelu_tanh,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tensor_parallel,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        pipeline_dtype=params_dtype,
-        transformer_impl="transformer_engine" if impl == "transformer_engine" else "local",
+        **common_config_kwargs(tensor_parallel, params_dtype, impl),
     )
 
 
