@@ -126,3 +126,36 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
     weighted = sum(s.sum() for s in alone) / sum(pack_samples([s]).loss_mask.sum() for s in samples)
     assert packed_mean.item() == pytest.approx(weighted.item(), rel=1e-6)
     assert packed.position_ids[bounds[1]] == 0 and packed.position_ids[bounds[2]] == 0
+
+
+def test_lora_starts_at_the_base_model_and_equals_merged_weights(tmp_path, megatron_world):
+    from viq_megatron.config import ConfigError, LoRAConfig, load_config
+    from viq_megatron.models.lora import add_lora
+    from conftest import TINY_TRAIN
+
+    hf_dir = make_tiny_hf("qwen2", tmp_path / "hf")
+    arch = import_hf_llm(hf_dir, tmp_path / "ours")
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    base = our_logits(tmp_path / "ours", ids)
+    adapted = build_llm(arch, 1, torch.float32, "local").eval()
+    load_llm_weights(adapted, tmp_path / "ours")
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    assert add_lora(adapted, lora) == 4 * arch.num_layers
+    positions = torch.arange(16)[None]
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, position_ids=positions, attention_mask=None, runtime_gather_output=True)
+
+    assert torch.equal(logits(adapted), base)  # B = 0: exactly the pretrained model
+    merged = build_llm(arch, 1, torch.float32, "local").eval()
+    load_llm_weights(merged, tmp_path / "ours")
+    with torch.no_grad():
+        for (name, module), (_, target) in zip(adapted.named_modules(), merged.named_modules()):
+            if hasattr(module, "lora_b"):
+                module.lora_b.normal_(0, 0.05)
+                target.weight += (lora.alpha / lora.rank) * module.lora_b @ module.lora_a
+    assert not torch.allclose(logits(adapted), base, atol=1e-3)
+    assert torch.allclose(logits(adapted), logits(merged), atol=1e-4)
+    with pytest.raises(ConfigError, match="LoRA adapters are not tensor-parallel yet"):
+        load_config(None, [*TINY_TRAIN, "model.llm.lora.rank=4", "parallel.tensor_model_parallel_size=2"])

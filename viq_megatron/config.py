@@ -81,12 +81,22 @@ class TokenizerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on the LLM's linears: trainable while the LLM itself stays frozen."""
+
+    rank: int = 0  # 0: no adapters
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+
+
+@dataclass
 class LLMConfig:
     # A directory written by tools/convert_hf_checkpoint.py; its weights, architecture
     # and tokenizer are used. Empty: a randomly initialised LLM of `arch` (tests).
     checkpoint: str = ""
     arch: Optional[LLMArch] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.checkpoint) != (self.arch is not None), "checkpoint",
@@ -268,6 +278,8 @@ class Config:
         _require(self.data.tokens_per_pack >= largest_image, "data.tokens_per_pack",
                  f"{self.data.tokens_per_pack} cannot hold the largest image "
                  f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})")
+        _require(self.model.llm is None or self.model.llm.lora.rank == 0 or self.parallel.tensor_model_parallel_size == 1,
+                 "model.llm.lora.rank", "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1")
         _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
                  "parallel.tensor_model_parallel_size",
                  f"{self.parallel.tensor_model_parallel_size} does not divide "

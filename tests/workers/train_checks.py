@@ -32,13 +32,15 @@ def run(output_dir: Path, *overrides: str) -> list[float]:
 def single(work: Path) -> dict:
     from viq_megatron.training.trainer import Trainer
 
-    straight = run(work / "straight")
-    stopped = Trainer(tiny_train_config(work / "resumed"))
+    # LoRA on the frozen LLM: the adapters train, are checkpointed and resumed.
+    lora = ("model.llm.lora.rank=4", "train.freeze=[llm]")
+    straight = run(work / "straight", *lora)
+    stopped = Trainer(tiny_train_config(work / "resumed", *lora))
     while stopped.step < 2:
         stopped.metrics.write(stopped.step + 1, "train", stopped.train_step(), console=False)
     stopped.save()
     stopped.metrics.close()
-    resumed = Trainer(tiny_train_config(work / "resumed"))
+    resumed = Trainer(tiny_train_config(work / "resumed", *lora))
     resumed_from = resumed.step
     resumed.train()
     return {"straight": straight, "resumed": train_losses(work / "resumed"), "resumed_from": resumed_from,

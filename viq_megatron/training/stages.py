@@ -18,6 +18,7 @@ from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.encode import build_encoder, params_dtype
 from viq_megatron.models.hf_llm import load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm
+from viq_megatron.models.lora import add_lora
 from viq_megatron.models.multimodal import EncoderVisualInput, Projector, QuantizedVisualInput, VisionLanguageModel
 from viq_megatron.models.pixel_decoder import PixelDecoder, blocks_to_image, patches_to_image, psnr, ssim
 from viq_megatron.models.specs import resolve_transformer_impl
@@ -42,6 +43,8 @@ def build_llm_from_config(cfg: Config):
     llm = build_llm(arch, cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype), impl)
     if llm_cfg.checkpoint:
         load_llm_weights(llm, llm_cfg.checkpoint)
+    if llm_cfg.lora.rank > 0:
+        add_lora(llm, llm_cfg.lora)
     return llm
 
 

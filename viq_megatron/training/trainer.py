@@ -30,6 +30,7 @@ from viq_megatron.data.embedded import write_embedded_dataset
 from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset
 from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
 from viq_megatron.encode import params_dtype
+from viq_megatron.models.lora import is_adapter
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
 from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from viq_megatron.training.logs import MetricsLog
@@ -81,8 +82,8 @@ class Trainer:
         # Model, freezing, DDP, optimizer.
         self.stage = STAGES[cfg.train.stage](cfg)
         model = self.stage.model
-        for name, param in model.named_parameters():
-            if any(name == p or name.startswith(p + ".") for p in cfg.train.freeze):
+        for name, param in model.named_parameters():  # LoRA adapters train inside frozen modules
+            if any(name == p or name.startswith(p + ".") for p in cfg.train.freeze) and not is_adapter(name):
                 param.requires_grad_(False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if trainable == 0:
@@ -134,13 +135,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def _checkpointed_state(self, is_loading: bool = False) -> dict:
-        # A pretrained LLM is read from its own checkpoint at start-up (and, frozen, never
-        # changes): it is left out. Everything else is saved, so that each stage's checkpoint
-        # is complete for the next one.
+        # A frozen pretrained LLM is read from its own checkpoint at start-up and never
+        # changes: it is left out (its LoRA adapters are not). Everything else is saved, so
+        # that each stage's checkpoint is complete for the next one.
         llm = self.cfg.model.llm
         pretrained_frozen_llm = llm is not None and bool(llm.checkpoint) and "llm" in self.cfg.train.freeze
         model_state = {k: v for k, v in self.model.module.sharded_state_dict().items()
-                       if not (pretrained_frozen_llm and k.startswith("llm."))}
+                       if not (pretrained_frozen_llm and k.startswith("llm.") and not is_adapter(k))}
         return {"model": model_state,
                 "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
