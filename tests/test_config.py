@@ -27,6 +27,11 @@ def test_example_configs_load():
         (1152, 27, 16, 4304, 16)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    load_config(path)  # raises a ConfigError on any unknown key, wrong type or impossible value
+
+
 def test_yaml_values_and_overrides(tmp_path):
     path = write(tmp_path, """
         model: {encoder: {hidden_size: 96, num_attention_heads: 4}}
