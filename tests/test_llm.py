@@ -68,6 +68,9 @@ def test_broken_checkpoints_name_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj.weight has shape \(64, 95\), "
                                               r"expected \(64, 96\)"):
         hf_llm.hf_to_megatron(misshaped, arch, source="src")
+    extra = {**weights, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}
+    with pytest.raises(CheckpointError, match=r"^src: tensor model.layers.0.self_attn.o_proj.bias is not supported"):
+        hf_llm.hf_to_megatron(extra, arch, source="src")
     with pytest.raises(CheckpointError, match="model_type 'gpt2' is not llama or qwen2"):
         hf_llm.arch_from_hf_config({**config, "model_type": "gpt2"})
 

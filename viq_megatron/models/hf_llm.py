@@ -77,7 +77,10 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], arch: LLMArch, source: str = "ch
     d = h // heads
     per_group = heads // groups
 
+    used = set()
+
     def get(name, shape):
+        used.add(name)
         return _expect(hf, name, shape, source)
 
     out = {"embedding.word_embeddings.weight": get("model.embed_tokens.weight", (arch.vocab_size, h)),
@@ -103,6 +106,11 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], arch: LLMArch, source: str = "ch
         out[mg_l + "mlp.linear_fc1.weight"] = torch.cat([get(hf_l + "mlp.gate_proj.weight", (f, h)),
                                                          get(hf_l + "mlp.up_proj.weight", (f, h))])
         out[mg_l + "mlp.linear_fc2.weight"] = get(hf_l + "mlp.down_proj.weight", (h, f))
+    # A tensor we do not map is a feature we do not support (e.g. an o_proj bias): refuse it.
+    ignorable = {"lm_head.weight"} if arch.tie_word_embeddings else set()
+    unused = sorted(k for k in set(hf) - used - ignorable if not k.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise CheckpointError(f"{source}: tensor {unused[0]} is not supported by this conversion")
     return {k: v.contiguous() for k, v in out.items()}
 
 
