@@ -1,0 +1,143 @@
+"""tools/preprocess_images.py: exact read-back, bad inputs, data-parallel and resumed runs."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from viq_megatron.data.text import SentencePieceTokenizer, Turn, tokenize_conversation
+from viq_megatron.data.token_dataset import ANSWER, CODES, GRID, TEXT, TokenDataset
+from conftest import ROOT, make_image, tiny_train_config, torchrun
+
+HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory, megatron_world):
+    from viq_megatron.tokenizer import ViQTokenizer
+
+    folder = tmp_path_factory.mktemp("tools")
+    torch.manual_seed(0)
+    tok = ViQTokenizer(tiny_train_config(folder, HEAD), 64)
+    tok.save(folder / "tok")
+    texts = ["Describe the image.", "A red circle on grey.", "What colour is it?", "red", "Two squares."]
+    SentencePieceTokenizer.train(texts * 4, 300, folder / "sp")
+    return folder / "tok", folder / "sp.model", tok
+
+
+def preprocess(tools, source, out, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "tools/preprocess_images.py"), "--input", str(source),
+                           "--tokenizer", str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(out),
+                           "--shard-size", "2", *extra], capture_output=True, text=True, timeout=300)
+
+
+def conversation_dataset(folder):
+    for i, size in enumerate([(64, 48), (32, 32), (96, 64), (48, 80)]):
+        make_image(folder / f"{i}.png", size=size, seed=i)
+    samples = [
+        {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                             {"from": "gpt", "value": "A red circle on grey."}]},
+        {"image": ["1.png", "2.png"], "conversations": [
+            {"from": "human", "value": "<image> and <image>: what colour is it?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": "Two squares."}]},
+        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                   {"from": "gpt", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "red"}]},
+        {"image": [{"img_path": "3.png"}], "conversations": [{"from": "human", "value": "<image>"},
+                                                             {"from": "gpt", "value": "Two squares."}]},
+    ]
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return path, samples
+
+
+def test_token_files_read_back_exactly(tools, tmp_path):
+    data, raw = conversation_dataset(tmp_path)
+    result = preprocess(tools, data, tmp_path / "out/train")
+    assert result.returncode == 3, result.stderr[-2000:]  # one sample skipped (missing image)
+    tok, text_tok = tools[2], SentencePieceTokenizer(tools[1])
+    dataset = TokenDataset(tmp_path / "out/train")
+    kept = [raw[0], raw[1], raw[3], raw[4]]
+    assert len(dataset) == len(kept)
+    for sample, entry in zip((dataset[i] for i in range(len(dataset))), kept):
+        images = entry.get("image", [])
+        images = [i["img_path"] if isinstance(i, dict) else i for i in (images if isinstance(images, list) else [images])]
+        roles = {"human": "user", "gpt": "assistant"}
+        turns = [Turn(roles[t["from"]], t["value"]) for t in entry["conversations"]]
+        expected_text, expected_flags = [], []
+        for piece in tokenize_conversation(text_tok, turns).pieces:
+            if piece[0] == "text":
+                expected_text += piece[1]
+                expected_flags += piece[2]
+        text = [int(v) for mode, seq in sample.segments if mode in (TEXT, ANSWER) for v in seq]
+        flags = [mode == ANSWER for mode, seq in sample.segments if mode in (TEXT, ANSWER) for _ in seq]
+        assert text == expected_text and flags == expected_flags
+        codes = [seq for mode, seq in sample.segments if mode == CODES]
+        grids = [tuple(seq) for mode, seq in sample.segments if mode == GRID]
+        assert len(codes) == len(images)
+        for image, stored, grid in zip(images, codes, grids):
+            reference = tok.encode([tmp_path / image])[0].codes
+            assert grid == (reference.shape[0] // 2, reference.shape[1] // 2)
+            assert np.array_equal(stored, reference.reshape(-1).numpy())
+    report = [json.loads(l) for l in (tmp_path / "out/train.report.jsonl").read_text().splitlines()]
+    assert len(report) == 1 and "sample 2" in report[0]["reason"] and "missing.png" in report[0]["reason"]
+    assert "1 inputs skipped" in result.stdout and "bytes written for" in result.stdout
+
+
+def broken_folder(folder):
+    make_image(folder / "good.jpg", size=(120, 90))
+    make_image(folder / "cmyk.jpg", mode="CMYK", seed=1)
+    Image.fromarray(np.full((40, 60), 40000, dtype=np.uint16)).save(folder / "deep16.png")
+    Image.new("RGBA", (50, 40), (255, 0, 0, 128)).save(folder / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_image(folder / "rotated.jpg", size=(80, 40), seed=2, exif=exif.tobytes())
+    truncated = folder / "truncated.jpg"
+    make_image(truncated, size=(200, 150), seed=3)
+    truncated.write_bytes(truncated.read_bytes()[:700])
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    make_image(folder / "strip.png", size=(1, 5000))
+    return {"truncated.jpg", "zero.png", "text.png", "strip.png"}
+
+
+def test_bad_inputs_are_reported_and_a_rerun_after_a_kill_gives_the_same_files(tools, tmp_path):
+    (tmp_path / "in").mkdir()
+    bad = broken_folder(tmp_path / "in")
+    out = tmp_path / "out/all"
+    result = preprocess(tools, tmp_path / "in", out)
+    assert result.returncode == 3, result.stderr[-2000:]
+    report = [json.loads(l) for l in (tmp_path / "out/all.report.jsonl").read_text().splitlines()]
+    assert sorted(r["input"].rsplit("/", 1)[-1] for r in report) == sorted(bad)
+    assert all(r["reason"] for r in report)
+    dataset = TokenDataset(out)
+    assert len(dataset) == 5  # good, cmyk, 16-bit, alpha, rotated
+    grids = [tuple(seq) for i in range(5) for mode, seq in dataset[i].segments if mode == GRID]
+    assert (5, 2) in grids and (2, 5) not in grids  # the EXIF-rotated 80x40 photo stands upright: 32x80
+    original = {suffix: (out.parent / f"all{suffix}").read_bytes() for suffix in (".bin", ".idx")}
+
+    # A kill: the merged files and the last shard's completion marker never got written.
+    shards = sorted((tmp_path / "out/all.shards").glob("*.json"))
+    finished = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    shards[-1].unlink()
+    for suffix in (".bin", ".idx"):
+        (out.parent / f"all{suffix}").unlink()
+    assert preprocess(tools, tmp_path / "in", out).returncode == 3
+    for suffix, content in original.items():
+        assert (out.parent / f"all{suffix}").read_bytes() == content
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "out/all.shards").glob("*.json"))[:-1]} \
+        == finished  # finished shards were not redone
+
+
+def test_data_parallel_preprocessing_equals_one_process(tools, tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(7):
+        make_image(tmp_path / "in" / f"{i}.png", size=(32 + 16 * (i % 3), 48), seed=i)
+    assert preprocess(tools, tmp_path / "in", tmp_path / "one/x").returncode == 0
+    torchrun(2, str(ROOT / "tools/preprocess_images.py"), "--input", str(tmp_path / "in"), "--tokenizer",
+             str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(tmp_path / "two/x"), "--shard-size", "2")
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"one/x{suffix}").read_bytes() == (tmp_path / f"two/x{suffix}").read_bytes()

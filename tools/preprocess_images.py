@@ -1,0 +1,179 @@
+"""Images -> ViQ codes -> packed Megatron indexed datasets, once, offline.
+
+    python tools/preprocess_images.py --input data.jsonl --tokenizer TOKENIZER_DIR \\
+        --text-tokenizer .cache/smollm2-135m/tokenizer --out tokens/train
+    torchrun --nproc-per-node 8 tools/preprocess_images.py ...       # data-parallel (srun works too)
+
+Input: LLaVA-style JSON/JSONL (as for training) or a folder of images, each with an
+optional caption in a same-named .txt file. Output: `OUT.bin` / `OUT.idx` (format in
+viq_megatron/data/token_dataset.py), `OUT.report.jsonl` (every skipped input and why).
+
+The samples are cut into shards of `--shard-size`; each process takes every W-th
+shard, writes it to OUT.shards/ and marks it done last. A rerun skips finished shards,
+so an interrupted job resumes without duplicating a sample, and the merged files are
+the same for any number of processes.
+
+Exit status: 0 all done; 3 done, some inputs skipped (see the report); 2 usage or
+configuration error; 1 failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import viq_megatron  # noqa: E402,F401
+
+EXIT_SKIPPED = 3
+
+
+def read_inputs(path: Path, root: str | None, allow_outside_root: bool) -> list:
+    """Samples (or SampleErrors) from a JSON/JSONL file, or one sample per image of a folder."""
+    from viq_megatron.data.conversations import Sample, read_conversations
+    from viq_megatron.data.images import find_images
+    from viq_megatron.data.text import IMAGE_PLACEHOLDER, Turn
+
+    if not path.is_dir():
+        return list(read_conversations(path, root, allow_outside_root))
+    samples = []
+    for image in find_images([str(path)]):
+        caption = image.with_suffix(".txt")
+        turns = ((Turn("user", f"{IMAGE_PLACEHOLDER}\nDescribe the image."),
+                  Turn("assistant", caption.read_text().strip())) if caption.is_file()
+                 else (Turn("user", IMAGE_PLACEHOLDER),))
+        samples.append(Sample(str(image), turns, (image,)))
+    return samples
+
+
+def load_text_tokenizer(path: Path):
+    from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
+
+    return SentencePieceTokenizer(path) if path.suffix == ".model" else HFTokenizer(path)
+
+
+def encode_sample(sample, tok, text_tok):
+    """A conversation with images -> TokenSample (raises ImageError for an unusable image)."""
+    import numpy as np
+
+    from viq_megatron.data.text import tokenize_conversation
+    from viq_megatron.data.token_dataset import ANSWER, CODES, GRID, TEXT, TokenSample
+
+    encoded = tok.encode(list(sample.images)) if sample.images else []
+    segments = []
+    for piece in tokenize_conversation(text_tok, sample.turns).pieces:
+        if piece[0] == "image":
+            codes = encoded[piece[1]].codes
+            segments.append((GRID, np.array([codes.shape[0] // 2, codes.shape[1] // 2])))
+            segments.append((CODES, codes.reshape(-1).numpy()))
+            continue
+        ids, flags = piece[1], piece[2]
+        start = 0
+        for k in range(1, len(ids) + 1):  # runs of equal loss flags
+            if k == len(ids) or flags[k] != flags[start]:
+                segments.append((ANSWER if flags[start] else TEXT, np.array(ids[start:k])))
+                start = k
+    return TokenSample(segments)
+
+
+def write_shard(prefix: Path, items: list, tok, text_tok) -> dict:
+    from viq_megatron.data.conversations import SampleError
+    from viq_megatron.data.images import ImageError
+    from viq_megatron.data.token_dataset import TokenDatasetWriter
+
+    writer = TokenDatasetWriter(prefix)
+    stats = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0, "skipped": []}
+    for item in items:
+        if isinstance(item, SampleError):
+            stats["skipped"].append(str(item))
+            continue
+        try:
+            sample = encode_sample(item, tok, text_tok)
+        except ImageError as e:
+            stats["skipped"].append(f"{item.source}: {e}")
+            continue
+        writer.add(sample)
+        stats["samples"] += 1
+        stats["images"] += sample.num_images
+        stats["codes"] += sample.num_codes
+        stats["source_bytes"] += sum(Path(p).stat().st_size for p in item.images)
+    writer.finalize()
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from viq_megatron.config import ParallelConfig
+    from viq_megatron.data.token_dataset import TokenDatasetWriter
+    from viq_megatron.runtime.distributed import initialize, shutdown
+    from viq_megatron.tokenizer import TokenizerError, ViQTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, type=Path, help="LLaVA JSON/JSONL file or a folder of images")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="a ViQTokenizer directory")
+    parser.add_argument("--text-tokenizer", required=True, type=Path,
+                        help="a Hugging Face tokenizer directory or a SentencePiece .model file")
+    parser.add_argument("--out", required=True, type=Path, help="output prefix (OUT.bin, OUT.idx)")
+    parser.add_argument("--root", help="image paths resolve under this folder (default: the input's folder)")
+    parser.add_argument("--allow-outside-root", action="store_true")
+    parser.add_argument("--shard-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    if not args.input.exists():
+        parser.exit(2, f"error: {args.input}: no such file or directory\n")
+
+    env = initialize(ParallelConfig(), seed=0)
+    try:
+        tok = ViQTokenizer.load(args.tokenizer)
+        text_tok = load_text_tokenizer(args.text_tokenizer)
+    except (TokenizerError, OSError, ValueError) as e:
+        parser.exit(2, f"error: {str(e).splitlines()[0]}\n")
+    items = read_inputs(args.input, args.root, args.allow_outside_root)
+    shards_dir = Path(f"{args.out}.shards")
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = max(1, -(-len(items) // args.shard_size))
+    mine = [k for k in range(num_shards) if k % env.world_size == env.rank]
+    todo = [k for k in mine if not (shards_dir / f"shard_{k:06d}.json").is_file()]
+    start, images_done = time.perf_counter(), 0
+    for k in tqdm(todo, desc="shards", disable=env.rank != 0, unit="shard"):
+        stats = write_shard(shards_dir / f"shard_{k:06d}", items[k * args.shard_size:(k + 1) * args.shard_size],
+                            tok, text_tok)
+        images_done += stats["images"]
+        marker = shards_dir / f"shard_{k:06d}.json"
+        marker.with_suffix(".tmp").write_text(json.dumps(stats))
+        os.replace(marker.with_suffix(".tmp"), marker)  # written last: the shard is complete
+    seconds = time.perf_counter() - start
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    status = 0
+    if env.rank == 0:
+        writer = TokenDatasetWriter(args.out)
+        totals = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0}
+        skipped = []
+        for k in range(num_shards):
+            writer.append_dataset(shards_dir / f"shard_{k:06d}")
+            stats = json.loads((shards_dir / f"shard_{k:06d}.json").read_text())
+            totals = {key: totals[key] + stats[key] for key in totals}
+            skipped += stats["skipped"]
+        writer.finalize()
+        Path(f"{args.out}.report.jsonl").write_text(
+            "".join(json.dumps({"input": line.split(": ", 1)[0], "reason": line.split(": ", 1)[-1]}) + "\n"
+                    for line in skipped))
+        written = sum(Path(f"{args.out}{suffix}").stat().st_size for suffix in (".bin", ".idx"))
+        print(f"{totals['samples']} samples, {totals['images']} images, {totals['codes']} codes; "
+              f"{len(skipped)} inputs skipped (see {args.out}.report.jsonl)")
+        print(f"{written:,} bytes written for {totals['source_bytes']:,} bytes of source images "
+              f"({written / max(totals['source_bytes'], 1):.2%}); "
+              f"{images_done / max(seconds, 1e-9):.1f} images/s on rank 0 this run")
+        status = EXIT_SKIPPED if skipped else 0
+    shutdown()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
