@@ -141,3 +141,31 @@ def test_data_parallel_preprocessing_equals_one_process(tools, tmp_path):
              str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(tmp_path / "two/x"), "--shard-size", "2")
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"one/x{suffix}").read_bytes() == (tmp_path / f"two/x{suffix}").read_bytes()
+
+
+def test_discrete_first_step_loss_equals_online_quantized_model(tools, tmp_path, megatron_world):
+    """Training on pre-extracted codes sees exactly the batch and loss the online model does."""
+    from viq_megatron.data.conversations import read_conversations
+    from viq_megatron.data.multimodal import PackedConversationDataset, PackedTokenDataset
+    from viq_megatron.models.llm import build_llm
+    from viq_megatron.models.multimodal import CodeVisualInput, VisionLanguageModel
+
+    data, _ = conversation_dataset(tmp_path)
+    assert preprocess(tools, data, tmp_path / "tokens/train").returncode == 3  # one missing image
+    cfg = tiny_train_config(tmp_path, HEAD)
+    tok, text_tok = tools[2], SentencePieceTokenizer(tools[1])
+    samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
+    online_data = PackedConversationDataset(samples, text_tok, tok.cfg.data.image, 16, seq_length=200,
+                                            teacher_side=32, seed=5)
+    offline_data = PackedTokenDataset(str(tmp_path / "tokens/train"), seq_length=200, seed=5)
+    assert offline_data.lengths == online_data.lengths
+    torch.manual_seed(0)
+    llm = build_llm(cfg.model.llm.arch, 1, torch.float32, "local").eval()
+    online = VisionLanguageModel(tok.visual, llm).eval()
+    offline = VisionLanguageModel(CodeVisualInput(tok.visual.head, tok.visual.projector), llm).eval()
+    for row in range(online_data.rows_per_epoch()):
+        a, b = online_data[row], offline_data[row]
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
+        with torch.no_grad():
+            loss_online, loss_offline = online(a), offline(b)
+        assert torch.equal(loss_online, loss_offline), row

@@ -145,6 +145,8 @@ class ModelConfig:
     head: Optional[HeadConfig] = None
     decoder: Optional[DecoderConfig] = None
     llm: Optional[LLMConfig] = None
+    # Discrete training: a ViQTokenizer directory whose head + projector embed the offline codes.
+    viq_tokenizer: str = ""
     # auto: Transformer Engine layers when TE imports (CUDA), Megatron-Core local layers otherwise.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # auto: bfloat16 on CUDA, float32 on CPU.
@@ -226,7 +228,9 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["stage1", "stage2", "decoder"] = "stage1"
+    # stage1, stage2, decoder: the tokenizer. continuous / discrete: multimodal LLM training on
+    # images through the encoder, or on offline codes (data.train/val: token-file prefixes).
+    stage: Literal["stage1", "stage2", "decoder", "continuous", "discrete"] = "stage1"
     # A checkpoint (directory, or a run's output_dir) of an earlier stage: the weights it
     # shares with this stage's model are loaded before training.
     init_from: str = ""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -40,6 +40,7 @@ class EncodedSample:
     visual_slots: list[int]  # positions of the visual tokens, image after image
     images: list[NativeImage]  # native resolution, for the encoder
     teacher_images: list[NativeImage]  # fixed square resolution, for the frozen teacher
+    codes: list[torch.Tensor] = field(default_factory=list)  # offline ViQ codes [patches, 4] per image
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -78,9 +79,10 @@ class PackedBatch:
     position_ids: torch.Tensor  # [T] int64, restarting at 0 for each sample
     cu_seqlens: torch.Tensor  # [samples + 1] int32
     visual_positions: torch.Tensor  # [V] int64: where the visual tokens go, image after image
-    images: PackedImages  # native resolution, in the same image order
-    teacher_images: PackedImages  # fixed resolution, same order
+    images: PackedImages | None  # native resolution, in the same image order
+    teacher_images: PackedImages | None  # fixed resolution, same order
     sources: list[str]
+    codes: torch.Tensor | None = None  # offline path: [V, 4] ViQ codes (4 per visual token), same order
 
     @property
     def max_seqlen(self) -> int:
@@ -114,48 +116,23 @@ def pack_samples(samples: Sequence[EncodedSample]) -> PackedBatch:
         images=PackedImages.from_images(images) if images else None,
         teacher_images=PackedImages.from_images(teacher) if teacher else None,
         sources=[s.source for s in samples],
+        codes=torch.cat([c for s in samples for c in s.codes]) if any(s.codes for s in samples) else None,
     )
 
 
-class PackedConversationDataset:
-    """Conversation samples packed into rows of at most `seq_length` tokens, in a fixed order.
+class PackedRows:
+    """Samples of known lengths packed into rows of at most `seq_length` tokens, in an order
+    that is a pure function of (seed, row index). Subclasses load a row's samples."""
 
-    Samples that cannot be used (too long, unreadable image) are reported and counted in
-    `skipped`, never silently dropped.
-    """
-
-    def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                 seq_length: int, teacher_side: int, seed: int, shuffle: bool = True):
-        self.tokenizer, self.rules, self.patch, self.teacher_side = tokenizer, rules, patch, teacher_side
-        self.seed, self.shuffle = seed, shuffle
-        self.skipped: list[str] = []
-        self.samples: list[Sample] = []
-        self.lengths: list[int] = []
-        for sample in samples:
-            try:
-                length = sample_length(sample, tokenizer, rules, patch)
-            except ImageError as e:
-                self._skip(f"{sample.source}: {e}")
-                continue
-            if length > seq_length:
-                self._skip(f"{sample.source}: {length} tokens do not fit data.seq_length={seq_length}")
-                continue
-            self.samples.append(sample)
-            self.lengths.append(length)
-        if not self.samples:
-            raise ValueError("no usable samples")
+    def __init__(self, lengths: Sequence[int], seq_length: int, seed: int, shuffle: bool):
+        self.lengths, self.seq_length, self.seed, self.shuffle = list(lengths), seq_length, seed, shuffle
         self._epochs: dict[int, list[list[int]]] = {}
         self._rows_per_epoch: list[int] = []
-        self.seq_length = seq_length
-
-    def _skip(self, reason: str) -> None:
-        log.warning("skipped sample %s", reason)
-        self.skipped.append(reason)
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         """Sample indices of each packed row of one pass over the data."""
         if epoch not in self._epochs:
-            order = list(range(len(self.samples)))
+            order = list(range(len(self.lengths)))
             if self.shuffle:
                 random.Random(f"{self.seed}-{epoch}").shuffle(order)
             rows = []
@@ -177,6 +154,42 @@ class PackedConversationDataset:
             row -= self._rows_per_epoch[epoch]
             epoch += 1
 
+    def rows_per_epoch(self) -> int:
+        return len(self.epoch_rows(0))
+
+
+class PackedConversationDataset(PackedRows):
+    """Conversation samples (images decoded every time) packed into rows.
+
+    Samples that cannot be used (too long, unreadable image) are reported and counted in
+    `skipped`, never silently dropped.
+    """
+
+    def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
+                 seq_length: int, teacher_side: int, seed: int, shuffle: bool = True):
+        self.tokenizer, self.rules, self.patch, self.teacher_side = tokenizer, rules, patch, teacher_side
+        self.skipped: list[str] = []
+        self.samples: list[Sample] = []
+        lengths = []
+        for sample in samples:
+            try:
+                length = sample_length(sample, tokenizer, rules, patch)
+            except ImageError as e:
+                self._skip(f"{sample.source}: {e}")
+                continue
+            if length > seq_length:
+                self._skip(f"{sample.source}: {length} tokens do not fit data.seq_length={seq_length}")
+                continue
+            self.samples.append(sample)
+            lengths.append(length)
+        if not self.samples:
+            raise ValueError("no usable samples")
+        super().__init__(lengths, seq_length, seed, shuffle)
+
+    def _skip(self, reason: str) -> None:
+        log.warning("skipped sample %s", reason)
+        self.skipped.append(reason)
+
     def __getitem__(self, row: int) -> PackedBatch:
         encoded = []
         for i in self.row_indices(row):
@@ -189,5 +202,53 @@ class PackedConversationDataset:
             raise ValueError(f"row {row}: every sample was skipped")
         return pack_samples(encoded)
 
-    def rows_per_epoch(self) -> int:
-        return len(self.epoch_rows(0))
+
+class PackedTokenDataset(PackedRows):
+    """Offline samples (text tokens + ViQ codes, written by tools/preprocess_images.py) packed
+    into rows exactly as PackedConversationDataset packs the same samples: no image is decoded."""
+
+    def __init__(self, prefix: str, seq_length: int, seed: int, shuffle: bool = True):
+        from viq_megatron.data.token_dataset import CODES, GRID, TokenDataset
+
+        self.data = TokenDataset(prefix)
+        self.skipped: list[str] = []
+        self._grid_mode, self._codes_mode = GRID, CODES
+        lengths, self.indices = [], []
+        for i in range(len(self.data)):
+            sample = self.data[i]
+            length = sum(int(seq[0]) * int(seq[1]) if mode == GRID else len(seq)
+                         for mode, seq in sample.segments if mode != CODES)
+            if length > seq_length:
+                self.skipped.append(f"{prefix}:{i}: {length} tokens do not fit data.seq_length={seq_length}")
+                log.warning("skipped sample %s", self.skipped[-1])
+                continue
+            lengths.append(length)
+            self.indices.append(i)
+        if not lengths:
+            raise ValueError(f"{prefix}: no usable samples")
+        self.samples = self.indices
+        super().__init__(lengths, seq_length, seed, shuffle)
+
+    def _encoded(self, index: int) -> EncodedSample:
+        from viq_megatron.data.token_dataset import ANSWER
+        from viq_megatron.models.pixel_decoder import raster_order
+
+        ids, flags, slots, codes = [], [], [], []
+        grid = None
+        for mode, seq in self.data[index].segments:
+            if mode == self._grid_mode:
+                grid = (int(seq[0]), int(seq[1]))
+                slots.extend(range(len(ids), len(ids) + grid[0] * grid[1]))
+                ids.extend([0] * (grid[0] * grid[1]))
+                flags.extend([False] * (grid[0] * grid[1]))
+            elif mode == self._codes_mode:
+                patch_major = torch.empty(len(seq), dtype=torch.int64)
+                patch_major[raster_order(*grid)] = torch.from_numpy(seq.astype("int64"))
+                codes.append(patch_major.reshape(-1, 4))
+            else:
+                ids.extend(int(v) for v in seq)
+                flags.extend([mode == ANSWER] * len(seq))
+        return EncodedSample(f"{index}", ids, flags, slots, [], [], codes)
+
+    def __getitem__(self, row: int) -> PackedBatch:
+        return pack_samples([self._encoded(self.indices[i]) for i in self.row_indices(row)])

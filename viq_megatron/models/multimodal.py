@@ -1,11 +1,14 @@
 """The multimodal model: a visual-input module feeding an LLM through packed sequences.
 
 One assembly for every path. Only the visual-input module changes: stage 1 and the
-continuous baseline use `EncoderVisualInput` (native-resolution ViT + projector);
-the discrete path plugs in a code embedder. It returns one LLM embedding per visual
+continuous baseline use `EncoderVisualInput` (native-resolution ViT + projector),
+stage 2 `QuantizedVisualInput` (+ the ViQ head), and discrete training on offline
+codes `CodeVisualInput` (the head's per-patch decoding + projector, no image at all). It returns one LLM embedding per visual
 token; they replace the placeholder slots of the text embeddings.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +65,38 @@ class QuantizedVisualInput(MegatronModule):
         return row_blocked(self.projector, self.last_features)  # as ViQTokenizer.embed computes it
 
 
+class CodeVisualInput(MegatronModule):
+    """Offline ViQ codes -> the head's per-patch decoding -> projector: no image, no encoder.
+    Computes exactly what QuantizedVisualInput feeds the LLM for the same codes."""
+
+    def __init__(self, head: ViQHead, projector: Projector):
+        super().__init__(config=head.config)
+        self.head = head
+        self.projector = projector
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        features = self.head.embed_codes(batch.codes.to(self.head.from_code.weight.device))
+        return row_blocked(self.projector, features)
+
+
 class VisionLanguageModel(MegatronModule):
     def __init__(self, visual: MegatronModule, llm: GPTModel):
         super().__init__(config=llm.config)
         self.visual = visual
         self.llm = llm
+        self.visual_seconds = 0.0  # forward time of the visual input, for the throughput log
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Per-token loss [T] (next-token cross-entropy; mask it with batch.loss_mask)."""
         device = self.llm.embedding.word_embeddings.weight.device
         tokens = batch.tokens.to(device)[None]
         embeddings = self.llm.embedding(input_ids=tokens, position_ids=batch.position_ids.to(device)[None])
-        if batch.images is not None:
+        if len(batch.visual_positions):
+            start = time.perf_counter()
             visual = self.visual(batch).to(embeddings.dtype)
+            if visual.is_cuda:
+                torch.cuda.synchronize()  # for the time breakdown of the throughput log
+            self.visual_seconds += time.perf_counter() - start
             slots = batch.visual_positions.to(device)
             embeddings = embeddings.index_put((slots, torch.zeros_like(slots)), visual)
         cu_seqlens = batch.cu_seqlens.to(device)

@@ -16,10 +16,12 @@ from megatron.core.transformer.module import MegatronModule
 from viq_megatron.config import Config
 from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.encode import build_encoder, params_dtype
+from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
 from viq_megatron.models.hf_llm import load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm
 from viq_megatron.models.lora import add_lora
-from viq_megatron.models.multimodal import EncoderVisualInput, Projector, QuantizedVisualInput, VisionLanguageModel
+from viq_megatron.models.multimodal import (CodeVisualInput, EncoderVisualInput, Projector, QuantizedVisualInput,
+                                             VisionLanguageModel)
 from viq_megatron.models.pixel_decoder import PixelDecoder, blocks_to_image, patches_to_image, psnr, ssim
 from viq_megatron.models.specs import resolve_transformer_impl
 from viq_megatron.models.viq_head import ViQHead
@@ -34,11 +36,16 @@ class Stage:
     counts: Callable[[PackedBatch], dict[str, float]]  # what each sum is divided by
     weights: dict[str, float]  # objective = sum of weight * global mean
     on_step: Callable[[int], dict] = field(default=lambda step: {})  # schedules; extra metrics to log
+    flops: Callable[[PackedBatch], float] = field(default=lambda batch: 0.0)  # counted FLOPs of a training step
+
+
+def llm_arch(cfg: Config):
+    return read_arch(cfg.model.llm.checkpoint) if cfg.model.llm.checkpoint else cfg.model.llm.arch
 
 
 def build_llm_from_config(cfg: Config):
     llm_cfg = cfg.model.llm
-    arch = read_arch(llm_cfg.checkpoint) if llm_cfg.checkpoint else llm_cfg.arch
+    arch = llm_arch(cfg)
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
     llm = build_llm(arch, cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype), impl)
     if llm_cfg.checkpoint:
@@ -73,15 +80,15 @@ def _frozen_teacher(cfg: Config, encoder) -> torch.nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
-def _caption_stage(cfg: Config, visual: MegatronModule, llm, distill_target, extra_losses=None) -> Stage:
-    """Caption loss through the LLM + self-distillation of the visual features' pooled vector
-    toward `distill_target(visual, batch)` (pooled, one row per image)."""
+def _caption_stage(cfg: Config, visual: MegatronModule, llm, distill_target=None, extra_losses=None) -> Stage:
+    """Caption loss through the LLM + (with `distill_target`) self-distillation of the visual
+    features' pooled vector toward `distill_target(visual, batch)` (pooled, one row per image)."""
     model = VisionLanguageModel(visual, llm)
 
     def losses(model: VisionLanguageModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
         per_token = model(batch)
         out = {"caption": (per_token * batch.loss_mask.to(per_token.device)).sum()}
-        if batch.images is not None:
+        if batch.images is not None and distill_target is not None:
             student = pooled_per_image(model.visual.last_features, batch.images.cu_seqlens)
             with torch.no_grad():
                 target = distill_target(model.visual, batch)
@@ -96,7 +103,19 @@ def _caption_stage(cfg: Config, visual: MegatronModule, llm, distill_target, ext
         return {"caption": float(batch.num_loss_tokens), "distill": images, "reconstruct": tokens}
 
     weights = {"caption": 1.0, "distill": cfg.train.distill_weight, "reconstruct": cfg.train.reconstruct_weight}
-    return Stage(model, losses, counts, weights)
+    arch = llm_arch(cfg)
+    encoder = getattr(visual, "encoder", None)
+
+    def flops(batch: PackedBatch) -> float:
+        """LLM forward + backward (3x forward); the encoder's forward, and its backward when it trains."""
+        total = 3 * llm_forward_flops(arch, (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist())
+        if encoder is not None and batch.images is not None:
+            trained = any(p.requires_grad for p in encoder.parameters())
+            lengths = (batch.images.cu_seqlens[1:] - batch.images.cu_seqlens[:-1]).tolist()
+            total += (3 if trained else 1) * vit_forward_flops(cfg.model.encoder, lengths)
+        return total
+
+    return Stage(model, losses, counts, weights, flops=flops)
 
 
 def build_stage1(cfg: Config) -> Stage:
@@ -153,7 +172,7 @@ def build_stage2(cfg: Config) -> Stage:
             return {"fsq_blend": head.quantizer.blend, **stats.summary()}
         return {}
 
-    return Stage(stage.model, losses, stage.counts, stage.weights, on_step)
+    return Stage(stage.model, losses, stage.counts, stage.weights, on_step, stage.flops)
 
 
 class ReconstructionModel(MegatronModule):
@@ -203,8 +222,7 @@ def build_decoder_stage(cfg: Config) -> Stage:
     freeze [visual]): L1 + SSIM, with PSNR reported."""
     if cfg.model.head is None or cfg.model.decoder is None:
         raise ValueError("the decoder stage needs model.head and model.decoder")
-    arch = read_arch(cfg.model.llm.checkpoint) if cfg.model.llm.checkpoint else cfg.model.llm.arch
-    model = ReconstructionModel(build_visual_tokenizer(cfg, arch.hidden_size), build_pixel_decoder(cfg),
+    model = ReconstructionModel(build_visual_tokenizer(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
                                 cfg.data.image.mean, cfg.data.image.std)
 
     def losses(model: ReconstructionModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
@@ -221,4 +239,29 @@ def build_decoder_stage(cfg: Config) -> Stage:
     return Stage(model, losses, counts, weights)
 
 
-STAGES = {"stage1": build_stage1, "stage2": build_stage2, "decoder": build_decoder_stage}
+def build_continuous(cfg: Config) -> Stage:
+    """The baseline: images decoded and run through the encoder + projector every step
+    (train.init_from a stage-1 run; freeze [visual.encoder] or train it)."""
+    llm = build_llm_from_config(cfg)
+    encoder, _ = build_encoder(cfg)
+    projector = Projector(cfg.model.encoder.hidden_size, llm.config.hidden_size, params_dtype(cfg.model.params_dtype))
+    return _caption_stage(cfg, EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device)), llm)
+
+
+def build_discrete(cfg: Config) -> Stage:
+    """Training on offline codes: the exported tokenizer's head + projector embed them."""
+    from viq_megatron.tokenizer import ViQTokenizer
+
+    if not cfg.model.viq_tokenizer:
+        raise ValueError("the discrete stage needs model.viq_tokenizer (a ViQTokenizer directory)")
+    llm = build_llm_from_config(cfg)
+    tokenizer = ViQTokenizer.load(cfg.model.viq_tokenizer)
+    if tokenizer.llm_hidden_size != llm.config.hidden_size:
+        raise ValueError(f"{cfg.model.viq_tokenizer}: its projector feeds width {tokenizer.llm_hidden_size}, "
+                         f"the LLM has {llm.config.hidden_size}")
+    visual = CodeVisualInput(tokenizer.visual.head, tokenizer.visual.projector)
+    return _caption_stage(cfg, visual, llm)
+
+
+STAGES = {"stage1": build_stage1, "stage2": build_stage2, "decoder": build_decoder_stage,
+          "continuous": build_continuous, "discrete": build_discrete}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from viq_megatron.config import Config
 from viq_megatron.data.conversations import SampleError, read_conversations
 from viq_megatron.data.embedded import write_embedded_dataset
-from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset
+from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset, PackedTokenDataset
 from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
 from viq_megatron.encode import params_dtype
+from viq_megatron.models.flops import peak_flops
 from viq_megatron.models.lora import is_adapter
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
 from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -53,6 +55,12 @@ def _read_split(cfg: Config, which: str, embedded_files: tuple[Path, Path] | Non
     return samples
 
 
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -62,22 +70,14 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
-        # Data.
-        embedded = None
-        if "embedded" in (cfg.data.train, cfg.data.val):
-            folder = self.output_dir / "embedded_data"
-            if is_main_process():
-                write_embedded_dataset(folder, cfg.data.embedded.train_scenes, cfg.data.embedded.val_scenes, cfg.seed)
-            dist.barrier()
-            embedded = (folder / "train.jsonl", folder / "val.jsonl")
+        # Data: offline token files for the discrete stage, conversations with images otherwise.
         self.counters = {"malformed": 0}
-        train_samples = _read_split(cfg, "train", embedded, self.counters)
-        val_samples = _read_split(cfg, "val", embedded, self.counters)
-        self.tokenizer = self._build_tokenizer(train_samples)
-        common = dict(tokenizer=self.tokenizer, rules=cfg.data.image, patch=cfg.model.encoder.patch_size,
-                      seq_length=cfg.data.seq_length, teacher_side=cfg.data.teacher_image_size, seed=cfg.seed)
-        self.train_data = PackedConversationDataset(train_samples, **common)
-        self.val_data = PackedConversationDataset(val_samples, shuffle=False, **common)
+        if cfg.train.stage == "discrete":
+            self.train_data = PackedTokenDataset(cfg.data.train, cfg.data.seq_length, cfg.seed)
+            self.val_data = PackedTokenDataset(cfg.data.val, cfg.data.seq_length, cfg.seed, shuffle=False)
+        else:
+            self._conversation_data(cfg)
+
 
         # Model, freezing, DDP, optimizer.
         self.stage = STAGES[cfg.train.stage](cfg)
@@ -115,6 +115,22 @@ class Trainer:
             self.init_from(Path(cfg.train.init_from))
 
     # ------------------------------------------------------------------ set-up pieces
+    def _conversation_data(self, cfg: Config) -> None:
+        embedded = None
+        if "embedded" in (cfg.data.train, cfg.data.val):
+            folder = self.output_dir / "embedded_data"
+            if is_main_process():
+                write_embedded_dataset(folder, cfg.data.embedded.train_scenes, cfg.data.embedded.val_scenes, cfg.seed)
+            dist.barrier()
+            embedded = (folder / "train.jsonl", folder / "val.jsonl")
+        train_samples = _read_split(cfg, "train", embedded, self.counters)
+        val_samples = _read_split(cfg, "val", embedded, self.counters)
+        tokenizer = self._build_tokenizer(train_samples)
+        common = dict(tokenizer=tokenizer, rules=cfg.data.image, patch=cfg.model.encoder.patch_size,
+                      seq_length=cfg.data.seq_length, teacher_side=cfg.data.teacher_image_size, seed=cfg.seed)
+        self.train_data = PackedConversationDataset(train_samples, **common)
+        self.val_data = PackedConversationDataset(val_samples, shuffle=False, **common)
+
     def _build_tokenizer(self, train_samples):
         llm = self.cfg.model.llm
         if llm.tokenizer.kind == "checkpoint":
@@ -215,19 +231,32 @@ class Trainer:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        visual_model = self.model.module
+        visual_model.visual_seconds = 0.0
         losses = self._losses(batches, train=True)
+        compute_done = time.perf_counter()
         self.model.finish_grad_sync()
         update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.step += 1
-        seconds = time.perf_counter() - start
-        samples, tokens = self._global_sum([sum(len(b.sources) for b in batches),
-                                            sum(len(b.tokens) for b in batches)])
+        end = time.perf_counter()
+        seconds = end - start
+        samples, tokens, flops = self._global_sum([sum(len(b.sources) for b in batches),
+                                                   sum(len(b.tokens) for b in batches),
+                                                   sum(self.stage.flops(b) for b in batches)])
+        flops_per_device = flops / dist.get_world_size() / seconds
+        peak = peak_flops(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        visual_time = getattr(visual_model, "visual_seconds", 0.0)
         primary = next(iter(losses))
         return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary},
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
                 "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                "step_time_s": seconds, "data_time_s": data_time, "skipped": float(update_ok is False), **extra}
+                "tflops_per_device": flops_per_device / 1e12, **({"mfu": flops_per_device / peak} if peak else {}),
+                "step_time_s": seconds, "data_time_s": data_time, "visual_time_s": visual_time,
+                "llm_time_s": compute_done - start - data_time - visual_time, "optimizer_time_s": end - compute_done,
+                "peak_memory_gib": peak_memory_gib(), "skipped": float(update_ok is False), **extra}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
