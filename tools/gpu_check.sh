@@ -5,6 +5,7 @@
 # 2. the main job on the SO400M-sized encoder in bf16: throughput, TFLOP/s, MFU;
 # 3. packed native-resolution vs padded batches, bf16;
 # 4. the LLM training step (Qwen2.5-0.5B / 1.5B shapes, packed 4K rows): tokens/s, MFU;
+#    the discrete vs continuous speedup at full size, 4K and 8K rows;
 # 5. a seconds-long stage 1 in bf16 through the training loop (DDP, optimizer, checkpoints);
 # 6. with Transformer Engine installed: the same encode with TE layers.
 # Uses the python3 that holds a CUDA torch. A machine without megatron-core takes it
@@ -32,6 +33,8 @@ step "LLM step, Qwen2.5-0.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-0.5b --seq-length 4096 --samples-per-row 4 --steps 10
 step "LLM step, Qwen2.5-1.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-1.5b --seq-length 4096 --samples-per-row 4 --steps 10
+step "discrete vs continuous speedup, SO400M + Qwen2.5-0.5B/1.5B at full size, 4K and 8K rows, bf16" \
+    python3 tools/bench_speedup.py --width-scale 1 --depth-scale 1 --seq-lengths 4096 8192 --encoder trained --steps 5
 step "stage 1 smoke, bf16, CUDA/NCCL" \
     torchrun --nproc-per-node 1 -m viq_megatron.train --config examples/stage1_smoke.yaml \
     model.params_dtype=bfloat16 train.output_dir=/tmp/viq_stage1_smoke
