@@ -47,11 +47,13 @@ class EncodedSample:
 
 
 def encode_sample(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                  teacher_side: int) -> EncodedSample:
-    """Decodes the sample's images and lays out its tokens; raises ImageError for a bad image."""
+                  teacher_side: int | None) -> EncodedSample:
+    """Decodes the sample's images and lays out its tokens; raises ImageError for a bad image.
+    `teacher_side`: also the fixed-resolution square view (stage 1's teacher), else None."""
     decoded = [open_rgb(path, rules) for path in sample.images]
     images = [to_native(im, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
-    teacher = [to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
+    teacher = [] if teacher_side is None else [
+        to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
     ids, flags, slots = [], [], []
     for piece in tokenize_conversation(tokenizer, sample.turns).pieces:
         if piece[0] == "image":
@@ -166,7 +168,7 @@ class PackedConversationDataset(PackedRows):
     """
 
     def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                 seq_length: int, teacher_side: int, seed: int, shuffle: bool = True):
+                 seq_length: int, teacher_side: int | None, seed: int, shuffle: bool = True):
         self.tokenizer, self.rules, self.patch, self.teacher_side = tokenizer, rules, patch, teacher_side
         self.skipped: list[str] = []
         self.samples: list[Sample] = []

@@ -126,8 +126,9 @@ class Trainer:
         train_samples = _read_split(cfg, "train", embedded, self.counters)
         val_samples = _read_split(cfg, "val", embedded, self.counters)
         tokenizer = self._build_tokenizer(train_samples)
+        teacher_side = cfg.data.teacher_image_size if cfg.train.stage == "stage1" else None  # only stage 1's teacher
         common = dict(tokenizer=tokenizer, rules=cfg.data.image, patch=cfg.model.encoder.patch_size,
-                      seq_length=cfg.data.seq_length, teacher_side=cfg.data.teacher_image_size, seed=cfg.seed)
+                      seq_length=cfg.data.seq_length, teacher_side=teacher_side, seed=cfg.seed)
         self.train_data = PackedConversationDataset(train_samples, **common)
         self.val_data = PackedConversationDataset(val_samples, shuffle=False, **common)
 
