@@ -50,6 +50,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     result = json.loads(result_file.read_text())
     assert len(result["straight"]) == 4 and result["resumed_from"] == 2
     assert result["resumed"] == result["straight"]  # same losses, bit for bit
+    # Faults: a NaN loss skips its update and is counted; two in a row stop the job with a clear
+    # message; a checkpoint write dying halfway leaves the previous one as the latest, loadable.
+    assert result["nan_skipped"] == 1.0 and result["nan_counted"] == 1.0 and result["nan_loss_logged"]
+    assert result["nan_step_left_weights"]  # unchanged by the NaN step, changed by the next one
+    assert "2 steps in a row with a non-finite loss" in result["stopped_message"]
+    assert result["save_failed"] and result["latest"] == "step_000002" and result["reloaded_step"] == 2
     # The stage chain ran through the same loop and its checkpoints fed each next stage.
     assert len(result["fsq_losses"]) == 2 and all(l > 0 for l in result["fsq_losses"])
     assert 0 < result["codebook"]["codebook_usage"] <= 1 and result["codebook"]["codebook_perplexity"] >= 1

@@ -252,6 +252,8 @@ class TrainConfig:
     output_dir: str = "runs/stage1"
     # Continue from the newest checkpoint in output_dir when there is one.
     resume: bool = True
+    # A step whose loss is NaN/inf is skipped (no update) and counted; this many in a row stop the job.
+    max_nonfinite_steps: int = 5
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:

@@ -44,7 +44,66 @@ def single(work: Path) -> dict:
     resumed_from = resumed.step
     resumed.train()
     return {"straight": straight, "resumed": train_losses(work / "resumed"), "resumed_from": resumed_from,
-            **stage2_chain(work)}
+            **faults(work), **stage2_chain(work)}
+
+
+def faults(work: Path) -> dict:
+    """A NaN loss is skipped and counted; K in a row stop the job; a checkpoint write that dies
+    halfway leaves the previous checkpoint as the latest, loadable."""
+    import math
+
+    from megatron.core import dist_checkpointing
+
+    from viq_megatron.training import checkpoint
+    from viq_megatron.training.trainer import Trainer
+
+    trainer = Trainer(tiny_train_config(work / "nan", "train.max_nonfinite_steps=2"))
+    real_losses = trainer.stage.losses
+
+    def nan_at(steps):
+        def losses(model, batch):
+            out = real_losses(model, batch)
+            return {**out, "caption": out["caption"] * float("nan")} if trainer.step + 1 in steps else out
+        return losses
+
+    def weights():
+        return {n: p.detach().clone() for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+
+    trainer.stage.losses = nan_at({2})
+    logged = [trainer.train_step()]
+    before_nan = weights()
+    logged.append(trainer.train_step())  # step 2: NaN
+    after_nan = weights()
+    trainer.save()  # a good checkpoint at step 2
+    trainer.stage.losses = nan_at({4, 5})
+    trainer.train_step()  # step 3: finite, resets the run of non-finite steps
+    after_finite = weights()
+    nan_step_left_weights = all(torch.equal(before_nan[n], after_nan[n]) for n in before_nan) and not all(
+        torch.equal(after_nan[n], after_finite[n]) for n in after_nan)
+    trainer.train_step()  # step 4: one non-finite step
+    try:
+        trainer.train_step()
+        stopped = ""
+    except FloatingPointError as e:
+        stopped = str(e)
+
+    def dying_save(state, path, *args, **kwargs):
+        (Path(path) / "partial.distcp").write_bytes(b"half")
+        raise OSError("killed while writing")
+
+    original_save, checkpoint.dist_checkpointing.save = dist_checkpointing.save, dying_save
+    try:
+        trainer.save()
+        save_failed = False
+    except OSError:
+        save_failed = True
+    finally:
+        checkpoint.dist_checkpointing.save = original_save
+    reloaded = Trainer(tiny_train_config(work / "nan", "train.max_nonfinite_steps=2"))
+    return {"nan_skipped": logged[1]["skipped"], "nan_counted": logged[1]["nonfinite_steps"],
+            "nan_loss_logged": math.isnan(logged[1]["loss"]), "nan_step_left_weights": nan_step_left_weights,
+            "stopped_message": stopped, "save_failed": save_failed, "reloaded_step": reloaded.step,
+            "latest": (work / "nan/checkpoints/latest").read_text().strip()}
 
 
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"

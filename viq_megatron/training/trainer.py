@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -103,6 +104,12 @@ class Trainer:
             end_wd=opt.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant")
         self.metrics = MetricsLog(self.output_dir)
         self.step = 0
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0
+        # Slurm sends SIGUSR1 before the time limit (#SBATCH --signal), and SIGTERM on preemption:
+        # finish the step, save, exit cleanly.
+        self.stop_requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._request_stop)
         if is_main_process():
             log.info("stage %s: %.1fM trainable of %.1fM parameters; %d train / %d val samples "
                      "(%d rows/epoch), %d skipped, %d malformed", cfg.train.stage, trainable / 1e6,
@@ -113,6 +120,13 @@ class Trainer:
             self.load(last)
         elif cfg.train.init_from:
             self.init_from(Path(cfg.train.init_from))
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """True on every rank once any rank was signalled (they must stop at the same step)."""
+        return self._global_sum([float(self.stop_requested)])[0] > 0 if dist.is_initialized() else self.stop_requested
 
     # ------------------------------------------------------------------ set-up pieces
     def _conversation_data(self, cfg: Config) -> None:
@@ -236,8 +250,21 @@ class Trainer:
         visual_model.visual_seconds = 0.0
         losses = self._losses(batches, train=True)
         compute_done = time.perf_counter()
-        self.model.finish_grad_sync()
-        update_ok, grad_norm, _ = self.optimizer.step()
+        finite = all(math.isfinite(v) for v in losses.values())  # global values: every rank agrees
+        if finite:
+            self.model.finish_grad_sync()
+            update_ok, grad_norm, _ = self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            update_ok, grad_norm = False, 0.0
+            self.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", self.step + 1, losses,
+                        self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+                raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss "
+                                         f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); "
+                                         f"stopping at step {self.step + 1}")
         self.scheduler.step(increment=1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -257,7 +284,8 @@ class Trainer:
                 "tflops_per_device": flops_per_device / 1e12, **({"mfu": flops_per_device / peak} if peak else {}),
                 "step_time_s": seconds, "data_time_s": data_time, "visual_time_s": visual_time,
                 "llm_time_s": compute_done - start - data_time - visual_time, "optimizer_time_s": end - compute_done,
-                "peak_memory_gib": peak_memory_gib(), "skipped": float(update_ok is False), **extra}
+                "peak_memory_gib": peak_memory_gib(), "skipped": float(update_ok is False),
+                "nonfinite_steps": float(self.nonfinite_steps), **extra}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -288,7 +316,15 @@ class Trainer:
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 last_eval = self.evaluate()
                 self.metrics.write(self.step, "val", last_eval)
-            if cfg.save_every > 0 and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+            saved = cfg.save_every > 0 and (self.step % cfg.save_every == 0 or self.step == cfg.steps)
+            if saved:
                 self.save()
+            if self._stop_agreed():
+                if not saved:
+                    self.save()
+                log.info("stop requested by a signal: saved at step %d, exiting", self.step)
+                break
+        if self.step >= cfg.steps and is_main_process():
+            (self.output_dir / "finished").write_text(f"{self.step}\n")  # the launcher requeues until then
         self.metrics.close()
         return last_eval
