@@ -208,6 +208,10 @@ class DataConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Optimizer state sharded over data-parallel ranks (Megatron-Core's distributed optimizer).
+    distributed_optimizer: bool = False
+    # Gradient reduction overlapped with the backward pass, bucket by bucket.
+    overlap_grad_reduce: bool = False
 
     def __post_init__(self) -> None:
         _require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")

@@ -143,7 +143,10 @@ def parallel(work: Path, checkpoints: list[str]) -> dict:
     from viq_megatron.models.llm import build_llm
     from viq_megatron.runtime.distributed import initialize
 
-    result = {"dp2": run(work / "dp2", "train.micro_batches=1", "train.steps=3")}
+    result = {"dp2": run(work / "dp2", "train.micro_batches=1", "train.steps=3"),
+              "dp2_distributed_optimizer": run(work / "dp2_dist", "train.micro_batches=1", "train.steps=3",
+                                               "parallel.distributed_optimizer=true",
+                                               "parallel.overlap_grad_reduce=true", "train.save_every=3")}
     initialize(ParallelConfig(tensor_model_parallel_size=2), seed=0)
     for checkpoint in checkpoints:
         expected = torch.load(Path(checkpoint) / "reference_logits.pt", weights_only=True)

@@ -89,14 +89,18 @@ class Trainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if trainable == 0:
             raise ValueError(f"train.freeze={cfg.train.freeze} leaves nothing to train")
+        parallel = cfg.parallel
         self.model = DistributedDataParallel(
-            config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model)
+            config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
+                overlap_grad_reduce=parallel.overlap_grad_reduce))
         dtype = params_dtype(cfg.model.params_dtype)
         opt = cfg.train.optimizer
         self.optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
                                     adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-                                    clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype),
+                                    clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                                    use_distributed_optimizer=parallel.distributed_optimizer),
             [self.model])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
@@ -173,8 +177,11 @@ class Trainer:
         pretrained_frozen_llm = llm is not None and bool(llm.checkpoint) and "llm" in self.cfg.train.freeze
         model_state = {k: v for k, v in self.model.module.sharded_state_dict().items()
                        if not (pretrained_frozen_llm and k.startswith("llm.") and not is_adapter(k))}
+        # A sharded optimizer state is saved so that any data-parallel size can load it.
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if self.cfg.parallel.distributed_optimizer \
+            else None
         return {"model": model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)}
 
     def save(self) -> None:
         path = save_checkpoint(self.checkpoint_dir, self.step, self._checkpointed_state(),
