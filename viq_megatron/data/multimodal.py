@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from viq_megatron.config import ImageConfig
@@ -215,11 +216,15 @@ class PackedTokenDataset(PackedRows):
         self.data = TokenDataset(prefix)
         self.skipped: list[str] = []
         self._grid_mode, self._codes_mode = GRID, CODES
+        # Lengths from the index alone (no token is read): text tokens + one slot per 4 codes.
+        index = self.data.data.index
+        sizes, modes = index.sequence_lengths.astype("int64"), index.sequence_modes
+        per_sequence = np.where(modes == CODES, sizes // 4, np.where(modes == GRID, 0, sizes))
+        bounds = self.data.documents
+        totals = np.add.reduceat(per_sequence, bounds[:-1]) if len(per_sequence) else np.zeros(0, "int64")
+        totals[bounds[1:] == bounds[:-1]] = 0  # empty documents
         lengths, self.indices = [], []
-        for i in range(len(self.data)):
-            sample = self.data[i]
-            length = sum(int(seq[0]) * int(seq[1]) if mode == GRID else len(seq)
-                         for mode, seq in sample.segments if mode != CODES)
+        for i, length in enumerate(totals.tolist()):
             if length > seq_length:
                 self.skipped.append(f"{prefix}:{i}: {length} tokens do not fit data.seq_length={seq_length}")
                 log.warning("skipped sample %s", self.skipped[-1])
