@@ -126,3 +126,14 @@ def test_broken_gpu_extras_are_hidden_from_megatron(tmp_path):
 def test_cuda_machine_leaves_torch_cuda_alone(megatron_world):
     assert not cpu_compat.is_active()
     assert isinstance(torch.cuda.current_device(), int)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without Transformer Engine")
+def test_fp8_without_transformer_engine_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "viq_megatron.train", "--config", "examples/stage1_smoke.yaml", "model.fp8=delayed",
+         f"train.output_dir={tmp_path}", "data.embedded.train_scenes=4", "data.embedded.val_scenes=2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.fp8: FP8 needs Transformer Engine layers") and "not installed" in last

@@ -151,6 +151,9 @@ class ModelConfig:
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # auto: bfloat16 on CUDA, float32 on CPU.
     params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # FP8 training on Hopper with Transformer Engine layers: delayed or current (per-tensor)
+    # scaling; the quantizer's own arithmetic stays in fp32. Needs TE.
+    fp8: Literal["off", "delayed", "current"] = "off"
 
 
 @dataclass

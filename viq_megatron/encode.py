@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from viq_megatron.config import Config, parse_command_line
+from viq_megatron.config import Config, ConfigError, parse_command_line
 from viq_megatron.data.embedded import shipped_photos
 from viq_megatron.data.images import ImageError, NativeImage, find_images, load_native_image
 from viq_megatron.data.packing import PackedImages, greedy_pack
@@ -37,7 +37,7 @@ def params_dtype(name: str) -> torch.dtype:
 def build_encoder(cfg: Config) -> tuple[NativeResolutionViT, str]:
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
     config = encoder_transformer_config(cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
-                                        params_dtype(cfg.model.params_dtype), impl)
+                                        params_dtype(cfg.model.params_dtype), impl, cfg.model.fp8)
     # Norms and the patch embedding are created in fp32; the whole encoder runs in params_dtype.
     encoder = NativeResolutionViT(cfg.model.encoder, config, impl).to(config.params_dtype)
     return (encoder.cuda() if torch.cuda.is_available() else encoder), impl
@@ -56,12 +56,16 @@ def load_images(cfg: Config) -> tuple[list[NativeImage], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _, cfg = parse_command_line(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _, cfg = parse_command_line(parser, argv)
 
     from megatron.core import parallel_state
 
     setup_logging(initialize(cfg.parallel, cfg.seed).rank)
-    encoder, impl = build_encoder(cfg)
+    try:
+        encoder, impl = build_encoder(cfg)
+    except ConfigError as e:  # settings only checkable against this machine (TE, FP8)
+        parser.exit(2, f"error: {e}\n")
     encoder.eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = params_dtype(cfg.model.params_dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from viq_megatron.config import parse_command_line
+from viq_megatron.config import ConfigError, parse_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     from viq_megatron.runtime.distributed import shutdown
     from viq_megatron.training.trainer import Trainer
 
-    Trainer(cfg).train()
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:  # settings only checkable against this machine (TE, FP8, sizes)
+        parser.exit(2, f"error: {e}\n")
+    trainer.train()
     shutdown()
     return 0
 

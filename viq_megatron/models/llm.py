@@ -16,7 +16,7 @@ from viq_megatron.models.specs import common_config_kwargs, transformer_layer_sp
 
 
 def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype,
-                           impl: str) -> TransformerConfig:
+                           impl: str, fp8: str = "off") -> TransformerConfig:
     if arch.num_query_groups % tensor_parallel or arch.vocab_size % tensor_parallel:
         raise ConfigError(
             f"parallel.tensor_model_parallel_size: {tensor_parallel} must divide the LLM's "
@@ -35,12 +35,13 @@ def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: to
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         rotary_interleaved=False,  # HF's rotate_half layout
-        **common_config_kwargs(tensor_parallel, params_dtype, impl),
+        **common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
     )
 
 
-def build_llm(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, impl: str) -> GPTModel:
-    config = llm_transformer_config(arch, tensor_parallel, params_dtype, impl)
+def build_llm(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, impl: str,
+              fp8: str = "off") -> GPTModel:
+    config = llm_transformer_config(arch, tensor_parallel, params_dtype, impl, fp8)
     model = GPTModel(
         config=config,
         transformer_layer_spec=transformer_layer_spec(impl, causal=True),

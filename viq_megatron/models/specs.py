@@ -43,10 +43,16 @@ def resolve_transformer_impl(requested: str) -> str:
     return requested
 
 
-def common_config_kwargs(tensor_parallel: int, params_dtype: torch.dtype, impl: str) -> dict:
-    """TransformerConfig settings every model here shares: parallelism, precision, the layer
-    implementation, no dropout, and no fused kernels (they need TE or apex; TE fuses itself)."""
-    return dict(
+def common_config_kwargs(tensor_parallel: int, params_dtype: torch.dtype, impl: str, fp8: str = "off") -> dict:
+    """TransformerConfig settings every model here shares: parallelism, precision (FP8 with TE
+    layers only), the layer implementation, no dropout, and no fused kernels (they need TE or
+    apex; TE fuses itself)."""
+    if fp8 != "off" and impl != "transformer_engine":
+        raise ConfigError("model.fp8: FP8 needs Transformer Engine layers, and Transformer Engine is not "
+                          "installed or not usable here (or model.transformer_impl is local)")
+    precision = dict(fp8="hybrid", fp8_recipe="delayed" if fp8 == "delayed" else "tensorwise") if fp8 != "off" \
+        else {}
+    return dict(**precision,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel, params_dtype=params_dtype,

@@ -65,10 +65,11 @@ def grid_rope_angles(grids: torch.Tensor, head_dim: int, base: float) -> torch.T
 
 class ViQHead(MegatronModule):
     def __init__(self, cfg: HeadConfig, encoder: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
-                 impl: str):
+                 impl: str, fp8: str = "off"):
+        # FP8 (with TE) reaches the pre-quantization blocks only; the quantizer runs in fp32.
         pre_config = bidirectional_transformer_config(
             encoder.hidden_size, max(cfg.pre_layers, 1), encoder.num_attention_heads, encoder.ffn_hidden_size,
-            encoder.layernorm_epsilon, tensor_parallel, params_dtype, impl)
+            encoder.layernorm_epsilon, tensor_parallel, params_dtype, impl, fp8)
         super().__init__(config=pre_config)
         width, s = encoder.hidden_size, cfg.subtoken_size
         self.cfg = cfg

@@ -29,7 +29,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def bidirectional_transformer_config(hidden_size: int, num_layers: int, num_heads: int, ffn_hidden_size: int,
                                      eps: float, tensor_parallel: int, params_dtype: torch.dtype,
-                                     impl: str) -> TransformerConfig:
+                                     impl: str, fp8: str = "off") -> TransformerConfig:
     """Pre-LayerNorm blocks with biases and tanh-GELU (SigLIP-style), no dropout."""
     return TransformerConfig(
         num_layers=num_layers,
@@ -43,15 +43,15 @@ def bidirectional_transformer_config(hidden_size: int, num_layers: int, num_head
         add_qkv_bias=True,
         gated_linear_unit=False,
         activation_func=gelu_tanh,
-        **common_config_kwargs(tensor_parallel, params_dtype, impl),
+        **common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
     )
 
 
 def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
-                               impl: str) -> TransformerConfig:
+                               impl: str, fp8: str = "off") -> TransformerConfig:
     return bidirectional_transformer_config(cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads,
                                             cfg.ffn_hidden_size, cfg.layernorm_epsilon, tensor_parallel,
-                                            params_dtype, impl)
+                                            params_dtype, impl, fp8)
 
 
 def row_blocked(fn, x: torch.Tensor) -> torch.Tensor:

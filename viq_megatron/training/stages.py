@@ -47,7 +47,8 @@ def build_llm_from_config(cfg: Config):
     llm_cfg = cfg.model.llm
     arch = llm_arch(cfg)
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
-    llm = build_llm(arch, cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype), impl)
+    llm = build_llm(arch, cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype), impl,
+                    cfg.model.fp8)
     if llm_cfg.checkpoint:
         load_llm_weights(llm, llm_cfg.checkpoint)
     if llm_cfg.lora.rank > 0:
@@ -57,7 +58,8 @@ def build_llm_from_config(cfg: Config):
 
 def build_head(cfg: Config) -> ViQHead:
     head = ViQHead(cfg.model.head, cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
-                   params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl))
+                   params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl),
+                   cfg.model.fp8)
     return head.cuda() if torch.cuda.is_available() else head
 
 
