@@ -18,27 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import viq_megatron  # noqa: E402,F401
 
 
-def load_shared(module, prefix: str, path: Path) -> tuple[int, int]:
-    """Loads the tensors of `module` (keys under `prefix`) that the checkpoint holds;
-    (loaded, wanted) counts."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    from viq_megatron.training.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
-    available = dist_checkpointing.load_tensors_metadata(str(path))
-    wanted = {k: v for k, v in module.sharded_state_dict(prefix=prefix).items() if isinstance(v, ShardedTensor)}
-    shared = {k: v for k, v in wanted.items() if v.key in available}
-    if shared:
-        loaded = dist_checkpointing.load(shared, str(path))
-        module.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
-    return len(shared), len(wanted)
-
-
 def main(argv: list[str] | None = None) -> int:
     from viq_megatron.config import parse_command_line
     from viq_megatron.models.hf_llm import read_arch
+    from viq_megatron.training.checkpoint import load_shared_weights
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
@@ -56,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decoder_checkpoint is not None:
         sources.append((tok.decoder, "decoder.", args.decoder_checkpoint))
     for module, prefix, path in sources:
-        loaded, expected = load_shared(module, prefix, path)
+        loaded, expected = load_shared_weights(module, path, prefix)
         if loaded < expected:
             print(f"error: {path}: holds {loaded} of the {expected} tensors of {prefix.rstrip('.')}", file=sys.stderr)
             return 2

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from viq_megatron.config import Config, ConfigError, ParallelConfig, config_from_dict
 from viq_megatron.data.images import ImageSource, load_native_image
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.models.pixel_decoder import blocks_to_image, raster_order
+from viq_megatron.models.pixel_decoder import blocks_to_image, patch_major, raster_order
 from viq_megatron.models.vit import row_blocked
 
 CONFIG_FILE = "viq_tokenizer.json"
@@ -152,9 +152,7 @@ class ViQTokenizer:
         fh, fw = codes.shape
         if fh % 2 or fw % 2:
             raise ValueError(f"a code grid has even sides (2x2 codes per patch), got {fh}x{fw}")
-        flat = torch.empty(fh * fw, dtype=torch.int64)
-        flat[raster_order(fh // 2, fw // 2)] = codes.reshape(-1).to(torch.int64).cpu()
-        return flat.reshape(-1, 4)
+        return patch_major(codes.cpu(), fh // 2, fw // 2)
 
     @torch.no_grad()
     def embed(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:

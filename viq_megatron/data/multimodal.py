@@ -238,7 +238,7 @@ class PackedTokenDataset(PackedRows):
 
     def _encoded(self, index: int) -> EncodedSample:
         from viq_megatron.data.token_dataset import ANSWER
-        from viq_megatron.models.pixel_decoder import raster_order
+        from viq_megatron.models.pixel_decoder import patch_major
 
         ids, flags, slots, codes = [], [], [], []
         grid = None
@@ -249,9 +249,7 @@ class PackedTokenDataset(PackedRows):
                 ids.extend([0] * (grid[0] * grid[1]))
                 flags.extend([False] * (grid[0] * grid[1]))
             elif mode == self._codes_mode:
-                patch_major = torch.empty(len(seq), dtype=torch.int64)
-                patch_major[raster_order(*grid)] = torch.from_numpy(seq.astype("int64"))
-                codes.append(patch_major.reshape(-1, 4))
+                codes.append(patch_major(torch.from_numpy(seq), *grid))
             else:
                 ids.extend(int(v) for v in seq)
                 flags.extend([mode == ANSWER] * len(seq))

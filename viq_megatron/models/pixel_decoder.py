@@ -13,10 +13,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from viq_megatron.config import DecoderConfig
-from viq_megatron.models.attention import PackedRotaryParams
 from viq_megatron.models.specs import transformer_layer_spec
 from viq_megatron.models.viq_head import grid_rope_angles
-from viq_megatron.models.vit import ROW_BLOCK, bidirectional_transformer_config, row_blocked
+from viq_megatron.models.vit import bidirectional_transformer_config, packed_params, row_blocked
 
 CODE_PIXELS = 8  # one code per 8x8 pixels
 
@@ -25,6 +24,13 @@ def raster_order(grid_h: int, grid_w: int) -> torch.Tensor:
     """Permutation from patch-major sub-tokens ([patch][2x2]) to raster order on the 2H x 2W grid."""
     fine = torch.arange(grid_h * grid_w * 4).reshape(grid_h, grid_w, 2, 2)
     return fine.permute(0, 2, 1, 3).reshape(-1)
+
+
+def patch_major(raster_codes: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Codes in raster order on the 2H x 2W grid -> [patches, 4], each patch's 2x2 codes."""
+    out = torch.empty(grid_h * grid_w * 4, dtype=torch.int64, device=raster_codes.device)
+    out[raster_order(grid_h, grid_w).to(raster_codes.device)] = raster_codes.reshape(-1).to(torch.int64)
+    return out.reshape(-1, 4)
 
 
 class PixelDecoder(MegatronModule):
@@ -47,18 +53,11 @@ class PixelDecoder(MegatronModule):
             order.append(raster_order(gh, gw) + offset)
             offset += n
         x = row_blocked(self.input, subtokens[torch.cat(order).to(subtokens.device)])
-        rows = x.shape[0]
-        padded = -(-rows // ROW_BLOCK) * ROW_BLOCK
-        bounds = [0] + torch.tensor(counts).cumsum(0).tolist() + ([padded] if padded > rows else [])
         head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
-        angles = F.pad(grid_rope_angles(fine_grids, head_dim, self.cfg.rope_base).to(x.device),
-                       (0, 0, 0, padded - rows))
-        cu = torch.tensor(bounds, dtype=torch.int32, device=x.device)
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-        packed = PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                                    max_seqlen_kv=longest, rotary_angles=angles)
-        h = self.blocks(hidden_states=F.pad(x, (0, 0, 0, padded - rows)).unsqueeze(1), attention_mask=None,
-                        packed_seq_params=packed).squeeze(1)[:rows]
+        packed = packed_params([0] + torch.tensor(counts).cumsum(0).tolist(), x.device,
+                               grid_rope_angles(fine_grids, head_dim, self.cfg.rope_base))
+        h = row_blocked(lambda rows: self.blocks(hidden_states=rows.unsqueeze(1), attention_mask=None,
+                                                 packed_seq_params=packed).squeeze(1), x)
         return row_blocked(self.output, h)
 
 

@@ -25,7 +25,7 @@ from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.attention import PackedRotaryParams
 from viq_megatron.models.quantizers import FSQ_PRESETS, Quantizer
 from viq_megatron.models.specs import transformer_layer_spec
-from viq_megatron.models.vit import ROW_BLOCK, bidirectional_transformer_config, row_blocked
+from viq_megatron.models.vit import bidirectional_transformer_config, packed_params, row_blocked
 
 SUBTOKENS = 4  # 2x2 per patch
 
@@ -92,18 +92,9 @@ class ViQHead(MegatronModule):
         self.affine_scale = torch.nn.Parameter(torch.ones(width, dtype=params_dtype))
         self.affine_shift = torch.nn.Parameter(torch.zeros(width, dtype=params_dtype))
 
-    def _packed(self, images: PackedImages, rows: int, rope: bool) -> PackedRotaryParams:
-        padded = -(-rows // ROW_BLOCK) * ROW_BLOCK
-        bounds = images.cu_seqlens.tolist() + ([padded] if padded > rows else [])
-        device = self.expand.weight.device
-        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-        angles = None
-        if rope:
-            angles = grid_rope_angles(images.grids, self.cfg.subtoken_size, self.cfg.rope_base).to(device)
-            angles = F.pad(angles, (0, 0, 0, padded - rows))
-        return PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                                  max_seqlen_kv=longest, rotary_angles=angles)
+    def _packed(self, images: PackedImages, rope: bool) -> PackedRotaryParams:
+        angles = grid_rope_angles(images.grids, self.cfg.subtoken_size, self.cfg.rope_base) if rope else None
+        return packed_params(images.cu_seqlens.tolist(), self.expand.weight.device, angles)
 
     def _blocks(self, block: TransformerBlock, x: torch.Tensor, packed: PackedRotaryParams) -> torch.Tensor:
         return row_blocked(lambda h: block(hidden_states=h.unsqueeze(1), attention_mask=None,
@@ -114,11 +105,11 @@ class ViQHead(MegatronModule):
         n, s = tokens.shape[0], self.cfg.subtoken_size
         x = row_blocked(self.input_norm, tokens)
         if self.pre is not None:
-            x = self._blocks(self.pre, x, self._packed(images, n, rope=False))
+            x = self._blocks(self.pre, x, self._packed(images, rope=False))
         sub = row_blocked(self.expand, x).reshape(n * SUBTOKENS, s)
         sub = sub + row_blocked(self.expand_mlp, sub)
         x = self._blocks(self.subtoken_blocks, sub.reshape(n, SUBTOKENS * s),
-                         self._packed(images, n, rope=self.cfg.rope))
+                         self._packed(images, rope=self.cfg.rope))
         return row_blocked(self.to_code, x.reshape(n * SUBTOKENS, s)).reshape(n, SUBTOKENS, -1)
 
     def post_quantization(self, quantized: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from viq_megatron.config import EncoderConfig
 from viq_megatron.data.packing import PackedImages
+from viq_megatron.models.attention import PackedRotaryParams
 from viq_megatron.models.specs import common_config_kwargs, transformer_layer_spec
 
 # MKL computes a matmul of few rows through another kernel than a large one, so a
@@ -54,11 +54,30 @@ def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_
                                             params_dtype, impl, fp8)
 
 
+def padded_rows(rows: int) -> int:
+    return -(-rows // ROW_BLOCK) * ROW_BLOCK
+
+
+def packed_params(cu_seqlens: list[int], device: torch.device,
+                  rotary_angles: torch.Tensor | None = None) -> PackedRotaryParams:
+    """Packed-sequence parameters for a pack padded to whole row blocks: the padding rows form
+    one extra sequence, so every attention backend sees sequences that cover the pack exactly.
+    `rotary_angles` (per real row) are zero-padded likewise."""
+    rows = cu_seqlens[-1]
+    padded = padded_rows(rows)
+    bounds = cu_seqlens + ([padded] if padded > rows else [])
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if rotary_angles is not None:
+        rotary_angles = F.pad(rotary_angles.to(device), (0, 0, 0, padded - rows))
+    return PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                              max_seqlen_kv=longest, rotary_angles=rotary_angles)
+
+
 def row_blocked(fn, x: torch.Tensor) -> torch.Tensor:
     """fn over the rows of x, padded to a multiple of ROW_BLOCK rows (see ROW_BLOCK)."""
     rows = x.shape[0]
-    padded = -(-rows // ROW_BLOCK) * ROW_BLOCK
-    return fn(F.pad(x, (0, 0, 0, padded - rows)))[:rows]
+    return fn(F.pad(x, (0, 0, 0, padded_rows(rows) - rows)))[:rows]
 
 
 class NativeResolutionViT(MegatronModule):
@@ -86,17 +105,10 @@ class NativeResolutionViT(MegatronModule):
     def forward(self, images: PackedImages) -> torch.Tensor:
         """PackedImages -> [total_patches, hidden], one token per patch, images in pack order."""
         tokens = images.num_tokens
-        padded = -(-tokens // ROW_BLOCK) * ROW_BLOCK
-        rows = (0, 0, 0, padded - tokens)
+        rows = (0, 0, 0, padded_rows(tokens) - tokens)
         weight = self.patch_embedding.weight
         patches = F.pad(images.patches.to(device=weight.device, dtype=weight.dtype), rows)
         hidden = self.patch_embedding(patches) + F.pad(self.position_embeddings(images.grids), rows)
-        # The padding rows form one extra sequence of their own, so every attention backend
-        # sees a pack whose sequences cover it exactly.
-        bounds = images.cu_seqlens.tolist() + ([padded] if padded > tokens else [])
-        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=hidden.device)
-        max_seqlen = max(images.max_seqlen, padded - tokens)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                                 max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+        packed = packed_params(images.cu_seqlens.tolist(), hidden.device)
         out = self.transformer(hidden_states=hidden.unsqueeze(1), attention_mask=None, packed_seq_params=packed)
         return out.squeeze(1)[:tokens]

@@ -68,6 +68,24 @@ def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_st
     return final
 
 
+def load_shared_weights(module: torch.nn.Module, path: str | Path, prefix: str = "") -> tuple[int, int]:
+    """Loads the tensors of `module` (keys under `prefix`) that a checkpoint holds: a run's
+    output_dir, its checkpoints/ folder, or one step. Returns (loaded, wanted) counts."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    path = Path(path)
+    path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+    if not (path / "trainer.pt").is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    available = dist_checkpointing.load_tensors_metadata(str(path))
+    wanted = {k: v for k, v in module.sharded_state_dict(prefix=prefix).items() if isinstance(v, ShardedTensor)}
+    shared = {k: v for k, v in wanted.items() if v.key in available}
+    if shared:
+        loaded = dist_checkpointing.load(shared, str(path))
+        module.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
+    return len(shared), len(wanted)
+
+
 def load_checkpoint(path: str | Path, sharded_state: dict) -> tuple[dict, dict]:
     """(loaded sharded state, trainer state); also restores this rank's RNG streams."""
     path = Path(path)

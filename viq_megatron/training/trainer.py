@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -35,7 +35,7 @@ from viq_megatron.encode import params_dtype
 from viq_megatron.models.flops import peak_flops
 from viq_megatron.models.lora import is_adapter
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
-from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, load_shared_weights, save_checkpoint
 from viq_megatron.training.logs import MetricsLog
 from viq_megatron.training.stages import STAGES
 
@@ -190,18 +190,13 @@ class Trainer:
 
     def init_from(self, path: Path) -> None:
         """Loads the weights this model shares with an earlier stage's checkpoint."""
-        path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
-        if not (path / "trainer.pt").is_file():
-            raise FileNotFoundError(f"train.init_from: {path}: no checkpoint there")
-        available = dist_checkpointing.load_tensors_metadata(str(path))
-        wanted = self.model.module.sharded_state_dict()
-        shared = {k: v for k, v in wanted.items() if getattr(v, "key", None) in available}
-        if not shared:
+        try:
+            loaded, wanted = load_shared_weights(self.model.module, path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"train.init_from: {e}") from None
+        if loaded == 0:
             raise ValueError(f"{path}: shares no weights with stage {self.cfg.train.stage}")
-        loaded = dist_checkpointing.load({"model": shared}, str(path))["model"]
-        self.model.module.load_state_dict(loaded, strict=False)
-        log.info("initialised %d tensors from %s (%d others not in it)", len(shared), path,
-                 len(wanted) - len(shared))
+        log.info("initialised %d tensors from %s (%d others not in it)", loaded, path, wanted - loaded)
 
     def load(self, path: Path) -> None:
         state, trainer_state = load_checkpoint(path, self._checkpointed_state(is_loading=True))
