@@ -169,3 +169,22 @@ def test_discrete_first_step_loss_equals_online_quantized_model(tools, tmp_path,
         with torch.no_grad():
             loss_online, loss_offline = online(a), offline(b)
         assert torch.equal(loss_online, loss_offline), row
+
+
+def test_pipeline_parallel_training_equals_one_process(tools, tmp_path):
+    """TP2 x PP2 (1F1B and interleaved) trains exactly as TP1 x PP1: discrete training on
+    offline codes (visual input on the first stage), and stage 1, whose distillation loss is
+    computed on the first stage and its caption loss on the last."""
+    data, _ = conversation_dataset(tmp_path)
+    assert preprocess(tools, data, tmp_path / "tokens/train").returncode == 3
+    discrete = ["train.stage=discrete", f"model.viq_tokenizer={tools[0]}", f"data.train={tmp_path / 'tokens/train'}",
+                f"data.val={tmp_path / 'tokens/train'}", "data.seq_length=160"]
+    worker = str(ROOT / "tests/workers/pipeline_checks.py")
+    torchrun(1, worker, "reference", str(tmp_path / "reference.json"), str(tmp_path), *discrete)
+    torchrun(4, worker, "pipelined", str(tmp_path / "pipelined.json"), str(tmp_path), *discrete, timeout=600)
+    reference = json.loads((tmp_path / "reference.json").read_text())
+    pipelined = json.loads((tmp_path / "pipelined.json").read_text())
+    assert len(reference["discrete"]) == 3 and reference["discrete"][0] != reference["discrete"][-1]
+    for name, expected in [("stage1", reference["stage1"]), ("discrete", reference["discrete"]),
+                           ("discrete_interleaved", reference["discrete"])]:
+        assert pipelined[name] == pytest.approx(expected, rel=1e-4), name

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decoder_checkpoint is not None:
         sources.append((tok.decoder, "decoder.", args.decoder_checkpoint))
     for module, prefix, path in sources:
-        loaded, expected = load_shared_weights(module, path, prefix)
+        loaded, expected = load_shared_weights([module], path, prefix)
         if loaded < expected:
             print(f"error: {path}: holds {loaded} of the {expected} tensors of {prefix.rstrip('.')}", file=sys.stderr)
             return 2

@@ -210,7 +210,10 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # LLM layers split into stages; the visual input runs on the first
+    # > 1: the interleaved 1F1B schedule with this many LLM chunks per pipeline rank (a smaller
+    # pipeline bubble for more point-to-point traffic).
+    virtual_pipeline_model_parallel_size: int = 1
     # Optimizer state sharded over data-parallel ranks (Megatron-Core's distributed optimizer).
     distributed_optimizer: bool = False
     # Gradient reduction overlapped with the backward pass, bucket by bucket.
@@ -219,6 +222,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
         _require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
+        _require(self.virtual_pipeline_model_parallel_size >= 1, "virtual_pipeline_model_parallel_size",
+                 "must be >= 1")
+        _require(self.virtual_pipeline_model_parallel_size == 1 or self.pipeline_model_parallel_size > 1,
+                 "virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size > 1")
 
 
 @dataclass
@@ -293,6 +300,8 @@ class Config:
                  f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})")
         _require(self.model.llm is None or self.model.llm.lora.rank == 0 or self.parallel.tensor_model_parallel_size == 1,
                  "model.llm.lora.rank", "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1")
+        _require(self.train.stage != "decoder" or self.parallel.pipeline_model_parallel_size == 1,
+                 "parallel.pipeline_model_parallel_size", "the decoder stage has no LLM to split into stages")
         _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
                  "parallel.tensor_model_parallel_size",
                  f"{self.parallel.tensor_model_parallel_size} does not divide "

@@ -109,24 +109,11 @@ class ViQTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> "ViQTokenizer":
-        directory = Path(directory)
-        config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for file in (config_file, weights_file):
-            if not file.is_file():
-                raise TokenizerError(f"{file}: missing")
-        try:
-            raw = json.loads(config_file.read_text())
-            llm_hidden_size = int(raw.pop("llm_hidden_size"))
-            cfg = config_from_dict(raw, str(config_file))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise TokenizerError(f"{config_file}: {str(e).splitlines()[0]}") from None
+        cfg, llm_hidden_size, state = read_tokenizer_files(directory)
         tokenizer = cls(cfg, llm_hidden_size)
-        try:
-            state = load_file(str(weights_file))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise TokenizerError(f"{weights_file}: not a readable safetensors file ({e})") from None
-        tokenizer.load_state_dict(state, str(weights_file))
+        tokenizer.load_state_dict(state, str(Path(directory) / WEIGHTS_FILE))
         return tokenizer
+
 
     # ------------------------------------------------------------------ the product
     @property
@@ -182,3 +169,22 @@ class ViQTokenizer:
             out.append(Image.fromarray(np.ascontiguousarray(array), "RGB"))
         return out
 
+
+def read_tokenizer_files(directory: str | Path) -> tuple[Config, int, dict[str, torch.Tensor]]:
+    """(model config, LLM width its projector feeds, weights) of a saved tokenizer directory."""
+    directory = Path(directory)
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise TokenizerError(f"{file}: missing")
+    try:
+        raw = json.loads(config_file.read_text())
+        llm_hidden_size = int(raw.pop("llm_hidden_size"))
+        cfg = config_from_dict(raw, str(config_file))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TokenizerError(f"{config_file}: {str(e).splitlines()[0]}") from None
+    try:
+        state = load_file(str(weights_file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise TokenizerError(f"{weights_file}: not a readable safetensors file ({e})") from None
+    return cfg, llm_hidden_size, state

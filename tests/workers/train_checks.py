@@ -2,7 +2,8 @@
 
     single (1 process): a straight run and a stopped-and-resumed run
     dp1 (1 process): 3 steps of 2 micro-batches
-    parallel (2 processes): DP=2 with 1 micro-batch each; TP=2 LLM logits from converted checkpoints
+    parallel (2 processes): DP=2 with 1 micro-batch each (plain, and the distributed optimizer
+        straight and resumed); TP=2 LLM logits from converted checkpoints
 """
 import json
 import sys
@@ -62,12 +63,12 @@ def faults(work: Path) -> dict:
 
     def nan_at(steps):
         def losses(model, batch):
-            out = real_losses(model, batch)
-            return {**out, "caption": out["caption"] * float("nan")} if trainer.step + 1 in steps else out
+            output, out = real_losses(model, batch)
+            return output, ({**out, "caption": out["caption"] * float("nan")} if trainer.step + 1 in steps else out)
         return losses
 
     def weights():
-        return {n: p.detach().clone() for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in trainer.model[0].module.named_parameters() if p.requires_grad}
 
     trainer.stage.losses = nan_at({2})
     logged = [trainer.train_step()]
@@ -143,10 +144,12 @@ def parallel(work: Path, checkpoints: list[str]) -> dict:
     from viq_megatron.models.llm import build_llm
     from viq_megatron.runtime.distributed import initialize
 
+    sharded = ["train.micro_batches=1", "parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true"]
     result = {"dp2": run(work / "dp2", "train.micro_batches=1", "train.steps=3"),
-              "dp2_distributed_optimizer": run(work / "dp2_dist", "train.micro_batches=1", "train.steps=3",
-                                               "parallel.distributed_optimizer=true",
-                                               "parallel.overlap_grad_reduce=true", "train.save_every=3")}
+              "dp2_distributed_optimizer": run(work / "dp2_dist", *sharded, "train.steps=3", "train.save_every=3")}
+    # Stopped after step 2 and resumed: the sharded optimizer state comes back from the checkpoint.
+    run(work / "dp2_dist_resumed", *sharded, "train.steps=2", "train.save_every=2")
+    result["dp2_distributed_optimizer_resumed"] = run(work / "dp2_dist_resumed", *sharded, "train.steps=3")
     initialize(ParallelConfig(tensor_model_parallel_size=2), seed=0)
     for checkpoint in checkpoints:
         expected = torch.load(Path(checkpoint) / "reference_logits.pt", weights_only=True)

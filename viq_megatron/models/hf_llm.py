@@ -188,9 +188,33 @@ def write_tp_shards(out: str | Path, weights: dict[str, torch.Tensor], tensor_pa
         save_file(local, str(folder / f"rank{rank}.safetensors"))
 
 
+def pipeline_chunk_weights(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The whole model's weights, renamed for one pipeline chunk of it: its layers (numbered
+    from 0 in the chunk), the embedding on the first stage, the final norm and output layer on
+    the last (a tied output layer takes the embedding's weights)."""
+    if model.pre_process and model.post_process:
+        return weights
+    layers = model.decoder.layers
+    first = layers[0].layer_number - 1 if len(layers) else 0  # layer_number: global, from 1
+    out = {}
+    for name, tensor in weights.items():
+        if name.startswith("decoder.layers."):
+            index, rest = name[len("decoder.layers."):].split(".", 1)
+            if first <= int(index) < first + len(layers):
+                out[f"decoder.layers.{int(index) - first}.{rest}"] = tensor
+        elif name.startswith("embedding."):
+            if model.pre_process:
+                out[name] = tensor
+        elif model.post_process:
+            out[name] = tensor
+    if model.post_process and model.share_embeddings_and_output_weights and not model.pre_process:
+        out["output_layer.weight"] = weights["embedding.word_embeddings.weight"]
+    return out
+
+
 def load_llm_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Loads a converted checkpoint into this rank's GPTModel: its pre-written shard for this
-    TP size when there is one, else the full weights, sharded on the fly."""
+    """Loads a converted checkpoint into this rank's GPTModel (or pipeline chunk of it): its
+    pre-written shard for this TP size when there is one, else the full weights, sharded on the fly."""
     from megatron.core import parallel_state
 
     from viq_megatron.models.sharding import load_full_state_dict
@@ -199,7 +223,8 @@ def load_llm_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     rank = parallel_state.get_tensor_model_parallel_rank()
     shard_file = Path(checkpoint) / f"tp{tp}" / f"rank{rank}.safetensors"
     if tp > 1 and shard_file.is_file():
-        missing, unexpected = model.load_state_dict(load_file(str(shard_file)), strict=False)
+        local = pipeline_chunk_weights(load_file(str(shard_file)), model)
+        missing, unexpected = model.load_state_dict(local, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise CheckpointError(f"{shard_file}: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -208,6 +233,6 @@ def load_llm_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        load_full_state_dict(model, load_file(str(path)))
+        load_full_state_dict(model, pipeline_chunk_weights(load_file(str(path)), model))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None

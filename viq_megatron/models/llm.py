@@ -2,12 +2,16 @@
 
 RMSNorm, SwiGLU, grouped-query attention, RoPE with the checkpoint's base (a GPTModel
 argument: the default 10000 would be silently wrong for e.g. SmolLM2's 100000),
-Qwen2's QKV bias, tied or untied embeddings. Tensor parallel like any GPTModel.
+Qwen2's QKV bias, tied or untied embeddings. Tensor and pipeline parallel like any
+GPTModel: with pipeline parallelism each rank builds its stage's layers (one chunk per
+virtual stage for the interleaved schedule); the first holds the embedding, the last the
+output layer.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -16,11 +20,22 @@ from viq_megatron.models.specs import common_config_kwargs, transformer_layer_sp
 
 
 def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype,
-                           impl: str, fp8: str = "off") -> TransformerConfig:
+                           impl: str, fp8: str = "off", pipeline: tuple[int, int] = (1, 1)) -> TransformerConfig:
+    """`pipeline`: (pipeline-parallel size, virtual stages per rank)."""
     if arch.num_query_groups % tensor_parallel or arch.vocab_size % tensor_parallel:
         raise ConfigError(
             f"parallel.tensor_model_parallel_size: {tensor_parallel} must divide the LLM's "
             f"num_query_groups={arch.num_query_groups} and vocab_size={arch.vocab_size}")
+    stages, virtual = pipeline
+    if arch.num_layers % (stages * virtual):
+        raise ConfigError(
+            f"parallel: pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {stages} x {virtual} "
+            f"must divide the LLM's {arch.num_layers} layers")
+    pipelined = dict(pipeline_model_parallel_size=stages,
+                     virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
+                     # Packed rows vary in length: stages exchange shapes first. (Megatron-Core refuses
+                     # that with its default MoE dispatcher, even without experts.)
+                     variable_seq_lengths=True, moe_token_dispatcher_type="alltoall") if stages > 1 else {}
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -36,12 +51,30 @@ def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: to
         add_qkv_bias=arch.qkv_bias,
         rotary_interleaved=False,  # HF's rotate_half layout
         **common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
+        **pipelined,
     )
 
 
 def build_llm(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, impl: str,
               fp8: str = "off") -> GPTModel:
-    config = llm_transformer_config(arch, tensor_parallel, params_dtype, impl, fp8)
+    """The whole LLM on this rank (no pipeline parallelism)."""
+    return build_llm_chunks(arch, tensor_parallel, params_dtype, impl, fp8)[0]
+
+
+def build_llm_chunks(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, impl: str,
+                     fp8: str = "off", pipeline: tuple[int, int] = (1, 1)) -> list[GPTModel]:
+    """This rank's pipeline chunks, in virtual-stage order (one chunk without interleaving)."""
+    config = llm_transformer_config(arch, tensor_parallel, params_dtype, impl, fp8, pipeline)
+    stages, virtual = pipeline
+    if stages == 1:
+        return [_gpt_model(config, arch, impl, True, True, None)]
+    return [_gpt_model(config, arch, impl, parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                       parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v), v if virtual > 1 else None)
+            for v in range(virtual)]
+
+
+def _gpt_model(config: TransformerConfig, arch: LLMArch, impl: str, pre_process: bool, post_process: bool,
+               vp_stage: int | None) -> GPTModel:
     model = GPTModel(
         config=config,
         transformer_layer_spec=transformer_layer_spec(impl, causal=True),
@@ -51,7 +84,10 @@ def build_llm(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, im
         position_embedding_type="rope",
         rotary_base=arch.rotary_base,
         parallel_output=True,  # full logits on request via runtime_gather_output
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
     )
     # Torch norms (local spec) are created on the CPU even where megatron's layers are not.
-    model = model.to(params_dtype)
+    model = model.to(config.params_dtype)
     return model.cuda() if torch.cuda.is_available() else model

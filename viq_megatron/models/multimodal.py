@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
@@ -36,10 +37,13 @@ class Projector(torch.nn.Module):
 class EncoderVisualInput(MegatronModule):
     """Images -> encoder tokens -> projector: the continuous visual input."""
 
-    def __init__(self, encoder: NativeResolutionViT, projector: Projector):
+    def __init__(self, encoder: NativeResolutionViT, projector: Projector, teacher: NativeResolutionViT | None = None):
         super().__init__(config=encoder.config)
         self.encoder = encoder
         self.projector = projector
+        # Stage 1's frozen copy of the starting encoder, distilled toward at fixed resolution.
+        # A module, so checkpoints keep it: a resumed run distils toward the same teacher.
+        self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.last_features: torch.Tensor | None = None  # encoder tokens of the last batch (distillation)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
@@ -80,29 +84,49 @@ class CodeVisualInput(MegatronModule):
 
 
 class VisionLanguageModel(MegatronModule):
-    def __init__(self, visual: MegatronModule, llm: GPTModel):
+    """A visual input and an LLM; under pipeline parallelism one chunk of it: the visual input
+    lives with the LLM's first stage (`visual` is None elsewhere)."""
+
+    def __init__(self, visual: MegatronModule | None, llm: GPTModel):
         super().__init__(config=llm.config)
-        self.visual = visual
+        self.visual = visual if llm.pre_process else None
         self.llm = llm
+        self.pre_process, self.post_process = llm.pre_process, llm.post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
         self.visual_seconds = 0.0  # forward time of the visual input, for the throughput log
 
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)  # activations from the previous pipeline stage
+
+    # finalize_model_grads all-reduces a tied embedding's gradient between the first and last
+    # pipeline stages; it asks the chunk for the weight.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.llm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.llm.shared_embedding_or_output_weight()
+
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Per-token loss [T] (next-token cross-entropy; mask it with batch.loss_mask)."""
-        device = self.llm.embedding.word_embeddings.weight.device
-        tokens = batch.tokens.to(device)[None]
-        embeddings = self.llm.embedding(input_ids=tokens, position_ids=batch.position_ids.to(device)[None])
-        if len(batch.visual_positions):
-            start = time.perf_counter()
-            visual = self.visual(batch).to(embeddings.dtype)
-            if visual.is_cuda:
-                torch.cuda.synchronize()  # for the time breakdown of the throughput log
-            self.visual_seconds += time.perf_counter() - start
-            slots = batch.visual_positions.to(device)
-            embeddings = embeddings.index_put((slots, torch.zeros_like(slots)), visual)
+        """Per-token loss [T] on the last pipeline stage (next-token cross-entropy; mask it with
+        batch.loss_mask), the hidden states [T, 1, hidden] for the next stage before it."""
+        device = next(self.llm.parameters()).device
+        embeddings = None  # after the first stage, the LLM reads its input tensor
+        if self.pre_process:
+            tokens = batch.tokens.to(device)[None]
+            embeddings = self.llm.embedding(input_ids=tokens, position_ids=batch.position_ids.to(device)[None])
+            if len(batch.visual_positions):
+                start = time.perf_counter()
+                visual = self.visual(batch).to(embeddings.dtype)
+                if visual.is_cuda:
+                    torch.cuda.synchronize()  # for the time breakdown of the throughput log
+                self.visual_seconds += time.perf_counter() - start
+                slots = batch.visual_positions.to(device)
+                embeddings = embeddings.index_put((slots, torch.zeros_like(slots)), visual)
         cu_seqlens = batch.cu_seqlens.to(device)
         # max_seqlen must be the longest sample, not the row: RoPE positions restart per sample.
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                  max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
-        loss = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
-                        labels=batch.labels.to(device)[None], packed_seq_params=packed)
-        return loss[0]
+        output = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
+                          labels=batch.labels.to(device)[None], packed_seq_params=packed)
+        return output[0] if self.post_process else output

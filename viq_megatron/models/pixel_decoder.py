@@ -43,6 +43,11 @@ class PixelDecoder(MegatronModule):
         self.blocks = TransformerBlock(config, transformer_layer_spec("local", causal=False), post_layer_norm=True)
         self.output = torch.nn.Linear(cfg.hidden_size, CODE_PIXELS * CODE_PIXELS * 3, dtype=params_dtype)
 
+    @property
+    def layers(self):
+        """Megatron-Core's schedules walk `<model>.decoder.layers` of whatever they run."""
+        return self.blocks.layers
+
     def forward(self, subtokens: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """Sub-token features [4N, s], patch-major per image, with patch grids [images, 2]
         -> pixel blocks [4N, 8*8*3] in raster order of each image's fine grid."""

@@ -92,7 +92,9 @@ def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] |
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size)
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size
+        if parallel.virtual_pipeline_model_parallel_size > 1 else None)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -68,21 +68,26 @@ def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_st
     return final
 
 
-def load_shared_weights(module: torch.nn.Module, path: str | Path, prefix: str = "") -> tuple[int, int]:
-    """Loads the tensors of `module` (keys under `prefix`) that a checkpoint holds: a run's
-    output_dir, its checkpoints/ folder, or one step. Returns (loaded, wanted) counts."""
+def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "") -> tuple[int, int]:
+    """Loads the tensors of `modules` (this rank's pipeline chunks; keys under `prefix`) that a
+    checkpoint holds: a run's output_dir, its checkpoints/ folder, or one step. Collective:
+    every rank calls it, also one with nothing to load. Returns this rank's (loaded, wanted)."""
     from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     path = Path(path)
     path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
     if not (path / "trainer.pt").is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there")
     available = dist_checkpointing.load_tensors_metadata(str(path))
-    wanted = {k: v for k, v in module.sharded_state_dict(prefix=prefix).items() if isinstance(v, ShardedTensor)}
-    shared = {k: v for k, v in wanted.items() if v.key in available}
-    if shared:
-        loaded = dist_checkpointing.load(shared, str(path))
-        module.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
+    wanted = {(i, k): v for i, module in enumerate(modules)
+              for k, v in module.sharded_state_dict(prefix=prefix).items()
+              if isinstance(v, (ShardedTensor, ShardedTensorFactory))}  # factories: e.g. SwiGLU's [gate; up]
+    shared = {f"{i}/{k}": v for (i, k), v in wanted.items() if v.key in available}
+    loaded = dist_checkpointing.load(shared, str(path))
+    for i, module in enumerate(modules):
+        mine = f"{i}/{prefix}"
+        module.load_state_dict({k[len(mine):]: v for k, v in loaded.items() if k.startswith(mine)}, strict=False)
     return len(shared), len(wanted)
 
 

@@ -1,16 +1,18 @@
 """Training stages: what each one builds, trains and freezes, and which losses it adds.
 
-The loop (trainer.py) is the same for every stage. A stage supplies its model, its
-losses as local sums, the count each sum is normalised by (known before the forward
-pass, so normalisation is global over ranks and micro-batches) and their weights.
+The loop (trainer.py) is the same for every stage. A stage supplies its model (this
+rank's pipeline chunks of it), its losses as local sums, the count each sum is
+normalised by (known before the forward pass, so normalisation is global over ranks
+and micro-batches) and their weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.config import Config
@@ -18,7 +20,7 @@ from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.encode import build_encoder, params_dtype
 from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
 from viq_megatron.models.hf_llm import load_llm_weights, read_arch
-from viq_megatron.models.llm import build_llm
+from viq_megatron.models.llm import build_llm_chunks
 from viq_megatron.models.lora import add_lora
 from viq_megatron.models.multimodal import (CodeVisualInput, EncoderVisualInput, Projector, QuantizedVisualInput,
                                              VisionLanguageModel)
@@ -31,29 +33,33 @@ from viq_megatron.training.codebook import CodebookStats
 
 @dataclass
 class Stage:
-    model: MegatronModule
-    losses: Callable[[MegatronModule, PackedBatch], dict[str, torch.Tensor]]  # local sums
+    chunks: list[MegatronModule]  # this rank's pipeline chunks (one without pipeline parallelism)
+    # (chunk output, local loss sums this chunk computes): the chunk's forward pass.
+    losses: Callable[[MegatronModule, PackedBatch], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
     counts: Callable[[PackedBatch], dict[str, float]]  # what each sum is divided by
     weights: dict[str, float]  # objective = sum of weight * global mean
     on_step: Callable[[int], dict] = field(default=lambda step: {})  # schedules; extra metrics to log
     flops: Callable[[PackedBatch], float] = field(default=lambda batch: 0.0)  # counted FLOPs of a training step
+    on_init_from: Callable[[], None] = field(default=lambda: None)  # after train.init_from loaded weights
 
 
 def llm_arch(cfg: Config):
     return read_arch(cfg.model.llm.checkpoint) if cfg.model.llm.checkpoint else cfg.model.llm.arch
 
 
-def build_llm_from_config(cfg: Config):
-    llm_cfg = cfg.model.llm
-    arch = llm_arch(cfg)
-    impl = resolve_transformer_impl(cfg.model.transformer_impl)
-    llm = build_llm(arch, cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype), impl,
-                    cfg.model.fp8)
-    if llm_cfg.checkpoint:
-        load_llm_weights(llm, llm_cfg.checkpoint)
-    if llm_cfg.lora.rank > 0:
-        add_lora(llm, llm_cfg.lora)
-    return llm
+def build_llm_from_config(cfg: Config) -> list:
+    """This rank's pipeline chunks of the LLM, with the pretrained weights and LoRA adapters."""
+    llm_cfg, parallel = cfg.model.llm, cfg.parallel
+    chunks = build_llm_chunks(llm_arch(cfg), parallel.tensor_model_parallel_size,
+                              params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl),
+                              cfg.model.fp8, (parallel.pipeline_model_parallel_size,
+                                              parallel.virtual_pipeline_model_parallel_size))
+    for llm in chunks:
+        if llm_cfg.checkpoint:
+            load_llm_weights(llm, llm_cfg.checkpoint)
+        if llm_cfg.lora.rank > 0:
+            add_lora(llm, llm_cfg.lora)
+    return chunks
 
 
 def build_head(cfg: Config) -> ViQHead:
@@ -76,28 +82,24 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
     return F.mse_loss(student.float(), teacher.float(), reduction="none").mean(-1).sum()
 
 
-def _frozen_teacher(cfg: Config, encoder) -> torch.nn.Module:
-    teacher, _ = build_encoder(cfg)  # megatron modules hold process groups: no deepcopy
-    teacher.load_state_dict(encoder.state_dict())
-    return teacher.eval().requires_grad_(False)
+def _caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distill_target=None,
+                   extra_losses=None) -> Stage:
+    """Caption loss through the LLM (on its last pipeline stage) + (with `distill_target`)
+    self-distillation of the visual features' pooled vector toward
+    `distill_target(visual, batch)` (pooled, one row per image; on the first stage)."""
+    chunks = [VisionLanguageModel(visual, llm) for llm in llm_chunks]
 
-
-def _caption_stage(cfg: Config, visual: MegatronModule, llm, distill_target=None, extra_losses=None) -> Stage:
-    """Caption loss through the LLM + (with `distill_target`) self-distillation of the visual
-    features' pooled vector toward `distill_target(visual, batch)` (pooled, one row per image)."""
-    model = VisionLanguageModel(visual, llm)
-
-    def losses(model: VisionLanguageModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        per_token = model(batch)
-        out = {"caption": (per_token * batch.loss_mask.to(per_token.device)).sum()}
-        if batch.images is not None and distill_target is not None:
+    def losses(model: VisionLanguageModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        output = model(batch)
+        out = {"caption": (output * batch.loss_mask.to(output.device)).sum()} if model.post_process else {}
+        if model.visual is not None and batch.images is not None and distill_target is not None:
             student = pooled_per_image(model.visual.last_features, batch.images.cu_seqlens)
             with torch.no_grad():
                 target = distill_target(model.visual, batch)
             out["distill"] = distillation(student, target, cfg.train.distill_loss)
             if extra_losses is not None:
                 out.update(extra_losses(model.visual))
-        return out
+        return output, out
 
     def counts(batch: PackedBatch) -> dict[str, float]:
         images = float(batch.images.num_images) if batch.images is not None else 0.0
@@ -117,7 +119,7 @@ def _caption_stage(cfg: Config, visual: MegatronModule, llm, distill_target=None
             total += (3 if trained else 1) * vit_forward_flops(cfg.model.encoder, lengths)
         return total
 
-    return Stage(model, losses, counts, weights, flops=flops)
+    return Stage(chunks, losses, counts, weights, flops=flops)
 
 
 def build_stage1(cfg: Config) -> Stage:
@@ -125,14 +127,21 @@ def build_stage1(cfg: Config) -> Stage:
     while a frozen fixed-resolution copy of the encoder anchors its pooled features."""
     llm = build_llm_from_config(cfg)
     encoder, _ = build_encoder(cfg)
-    projector = Projector(cfg.model.encoder.hidden_size, llm.config.hidden_size, params_dtype(cfg.model.params_dtype))
-    visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device))
-    teacher = _frozen_teacher(cfg, encoder)
+    projector = Projector(cfg.model.encoder.hidden_size, llm[0].config.hidden_size,
+                          params_dtype(cfg.model.params_dtype))
+    teacher, _ = build_encoder(cfg)  # megatron modules hold process groups: no deepcopy
+    visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device), teacher)
+
+    def copy_encoder_to_teacher() -> None:  # the teacher is the encoder stage 1 starts from
+        teacher.load_state_dict(encoder.state_dict())
 
     def fixed_resolution_teacher(visual, batch: PackedBatch) -> torch.Tensor:
-        return pooled_per_image(teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
+        return pooled_per_image(visual.teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
 
-    return _caption_stage(cfg, visual, llm, fixed_resolution_teacher)
+    copy_encoder_to_teacher()
+    stage = _caption_stage(cfg, visual, llm, fixed_resolution_teacher)
+    stage.on_init_from = copy_encoder_to_teacher
+    return stage
 
 
 def build_stage2(cfg: Config) -> Stage:
@@ -143,7 +152,7 @@ def build_stage2(cfg: Config) -> Stage:
     if cfg.model.head is None:
         raise ValueError("stage2 needs model.head")
     llm = build_llm_from_config(cfg)
-    visual = build_visual_tokenizer(cfg, llm.config.hidden_size)
+    visual = build_visual_tokenizer(cfg, llm[0].config.hidden_size)
     head = visual.head
 
     def reconstruct(visual: QuantizedVisualInput) -> dict[str, torch.Tensor]:
@@ -160,12 +169,12 @@ def build_stage2(cfg: Config) -> Stage:
     stats = CodebookStats(head.quantizer.fsq)
     inner_losses = stage.losses
 
-    def losses(model: VisionLanguageModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        out = inner_losses(model, batch)
-        if batch.images is not None and head.quantizer.kind != "identity":
+    def losses(model: VisionLanguageModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        output, out = inner_losses(model, batch)
+        if model.visual is not None and batch.images is not None and head.quantizer.kind != "identity":
             with torch.no_grad():
                 stats.add(head.indices(model.visual.last_bottleneck))
-        return out
+        return output, out
 
     def on_step(step: int) -> dict:
         if head.quantizer.kind == "progressive":
@@ -174,7 +183,7 @@ def build_stage2(cfg: Config) -> Stage:
             return {"fsq_blend": head.quantizer.blend, **stats.summary()}
         return {}
 
-    return Stage(stage.model, losses, stage.counts, stage.weights, on_step, stage.flops)
+    return Stage(stage.chunks, losses, stage.counts, stage.weights, on_step, stage.flops)
 
 
 class ReconstructionModel(MegatronModule):
@@ -186,6 +195,11 @@ class ReconstructionModel(MegatronModule):
         self.decoder = decoder
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
+        self.pre_process = self.post_process = True  # never pipelined: no LLM
+        self.model_type = ModelType.encoder_or_decoder
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by the pipeline schedule; a single stage has no input from another."""
 
     def forward(self, images) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(reconstructed, original) images as [3, H, W] in [0, 1]."""
@@ -227,18 +241,18 @@ def build_decoder_stage(cfg: Config) -> Stage:
     model = ReconstructionModel(build_visual_tokenizer(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
                                 cfg.data.image.mean, cfg.data.image.std)
 
-    def losses(model: ReconstructionModel, batch: PackedBatch) -> dict[str, torch.Tensor]:
+    def losses(model: ReconstructionModel, batch: PackedBatch) -> tuple[None, dict[str, torch.Tensor]]:
         out, target = model(batch.images)
-        return {"l1": sum((o - t).abs().sum() for o, t in zip(out, target)),
-                "ssim": sum(1 - ssim(o, t) for o, t in zip(out, target)),
-                "psnr": sum(psnr(o.clamp(0, 1), t).detach() for o, t in zip(out, target))}
+        return None, {"l1": sum((o - t).abs().sum() for o, t in zip(out, target)),
+                      "ssim": sum(1 - ssim(o, t) for o, t in zip(out, target)),
+                      "psnr": sum(psnr(o.clamp(0, 1), t).detach() for o, t in zip(out, target))}
 
     def counts(batch: PackedBatch) -> dict[str, float]:
         return {"l1": float(batch.images.patches.numel()), "ssim": float(batch.images.num_images),
                 "psnr": float(batch.images.num_images)}
 
     weights = {"l1": cfg.model.decoder.l1_weight, "ssim": cfg.model.decoder.ssim_weight, "psnr": 0.0}
-    return Stage(model, losses, counts, weights)
+    return Stage([model], losses, counts, weights)
 
 
 def build_continuous(cfg: Config) -> Stage:
@@ -246,22 +260,30 @@ def build_continuous(cfg: Config) -> Stage:
     (train.init_from a stage-1 run; freeze [visual.encoder] or train it)."""
     llm = build_llm_from_config(cfg)
     encoder, _ = build_encoder(cfg)
-    projector = Projector(cfg.model.encoder.hidden_size, llm.config.hidden_size, params_dtype(cfg.model.params_dtype))
+    projector = Projector(cfg.model.encoder.hidden_size, llm[0].config.hidden_size,
+                          params_dtype(cfg.model.params_dtype))
     return _caption_stage(cfg, EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device)), llm)
 
 
 def build_discrete(cfg: Config) -> Stage:
-    """Training on offline codes: the exported tokenizer's head + projector embed them."""
-    from viq_megatron.tokenizer import ViQTokenizer
+    """Training on offline codes: the exported tokenizer's head + projector embed them (built
+    at this run's tensor-parallel size; the tokenizer's encoder is not needed)."""
+    from viq_megatron.models.sharding import load_full_state_dict
+    from viq_megatron.tokenizer import read_tokenizer_files
 
     if not cfg.model.viq_tokenizer:
         raise ValueError("the discrete stage needs model.viq_tokenizer (a ViQTokenizer directory)")
     llm = build_llm_from_config(cfg)
-    tokenizer = ViQTokenizer.load(cfg.model.viq_tokenizer)
-    if tokenizer.llm_hidden_size != llm.config.hidden_size:
-        raise ValueError(f"{cfg.model.viq_tokenizer}: its projector feeds width {tokenizer.llm_hidden_size}, "
-                         f"the LLM has {llm.config.hidden_size}")
-    visual = CodeVisualInput(tokenizer.visual.head, tokenizer.visual.projector)
+    saved, llm_hidden_size, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
+    if llm_hidden_size != llm[0].config.hidden_size:
+        raise ValueError(f"{cfg.model.viq_tokenizer}: its projector feeds width {llm_hidden_size}, "
+                         f"the LLM has {llm[0].config.hidden_size}")
+    tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head))
+    head = build_head(tokenizer_cfg)
+    projector = Projector(saved.model.encoder.hidden_size, llm_hidden_size, params_dtype(cfg.model.params_dtype))
+    visual = CodeVisualInput(head, projector.to(head.from_code.weight.device))
+    load_full_state_dict(visual, {name[len("visual."):]: tensor for name, tensor in weights.items()
+                                  if name.startswith(("visual.head.", "visual.projector."))})
     return _caption_stage(cfg, visual, llm)
 
 

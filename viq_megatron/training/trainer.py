@@ -1,9 +1,11 @@
 """The one training loop, for every stage.
 
-Builds, in order: distributed runtime, data (tokenizer, datasets), the stage's model,
-freezing, Megatron-Core DDP, optimizer and LR schedule, metrics log, checkpoint
-resume. Then `train()` loops: load this rank's packed rows, forward/backward each
-(gradient accumulation), reduce gradients, clip, step, log, evaluate, save.
+Builds, in order: distributed runtime, data (tokenizer, datasets), the stage's model
+(this rank's pipeline chunks of it), freezing, Megatron-Core DDP, optimizer and LR
+schedule, metrics log, checkpoint resume. Then `train()` loops: load this rank's packed
+rows, run them through Megatron-Core's schedule (no pipelining, 1F1B or interleaved
+1F1B, with gradient accumulation over the rows), reduce gradients, clip, step, log,
+evaluate, save.
 
 Losses are token-weighted over the whole global batch: the caption loss is the sum of
 per-token losses over every rank and micro-batch divided by the global count of
@@ -21,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from viq_megatron.config import Config
 from viq_megatron.data.conversations import SampleError, read_conversations
@@ -38,8 +41,25 @@ from viq_megatron.runtime.distributed import initialize, is_main_process, setup_
 from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, load_shared_weights, save_checkpoint
 from viq_megatron.training.logs import MetricsLog
 from viq_megatron.training.stages import STAGES
+from viq_megatron.training.torch_adam_resume import materialize_adam_state
 
 log = logging.getLogger("viq_megatron.train")
+
+
+class AddLossGradient(torch.autograd.Function):
+    """Identity on a pipeline stage's output whose backward also seeds `loss` with gradient 1:
+    a stage before the last adds its own loss terms (the schedule backpropagates from the
+    output only). Megatron-Core does the same for MoE auxiliary losses."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(loss)
 
 
 def _read_split(cfg: Config, which: str, embedded_files: tuple[Path, Path] | None, counters: dict) -> list:
@@ -80,20 +100,25 @@ class Trainer:
             self._conversation_data(cfg)
 
 
-        # Model, freezing, DDP, optimizer.
+        # Model (this rank's pipeline chunks), freezing, DDP, optimizer.
         self.stage = STAGES[cfg.train.stage](cfg)
-        model = self.stage.model
-        for name, param in model.named_parameters():  # LoRA adapters train inside frozen modules
-            if any(name == p or name.startswith(p + ".") for p in cfg.train.freeze) and not is_adapter(name):
-                param.requires_grad_(False)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        chunks = self.stage.chunks
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():  # LoRA adapters train inside frozen modules
+                if any(name == p or name.startswith(p + ".") for p in cfg.train.freeze) and not is_adapter(name):
+                    param.requires_grad_(False)
+        parameters, trainable = self._global_sum(
+            [sum(p.numel() for c in chunks for p in c.parameters()),
+             sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)], pipeline=True)
         if trainable == 0:
             raise ValueError(f"train.freeze={cfg.train.freeze} leaves nothing to train")
         parallel = cfg.parallel
-        self.model = DistributedDataParallel(
-            config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
-                overlap_grad_reduce=parallel.overlap_grad_reduce))
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
+            overlap_grad_reduce=parallel.overlap_grad_reduce)
+        # Megatron-LM's convention: gradient buckets in the first chunk only.
+        self.model = [DistributedDataParallel(config=chunk.config, module=chunk, ddp_config=ddp_config,
+                                              disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
         dtype = params_dtype(cfg.model.params_dtype)
         opt = cfg.train.optimizer
         self.optimizer = get_megatron_optimizer(
@@ -101,11 +126,12 @@ class Trainer:
                                     adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
                                     clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
                                     use_distributed_optimizer=parallel.distributed_optimizer),
-            [self.model])
+            self.model)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
             lr_decay_steps=cfg.train.steps, lr_decay_style="cosine", start_wd=opt.weight_decay,
             end_wd=opt.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant")
+        self._configure_schedule()
         self.metrics = MetricsLog(self.output_dir)
         self.step = 0
         self.nonfinite_steps = self.nonfinite_in_a_row = 0
@@ -115,15 +141,31 @@ class Trainer:
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._request_stop)
         if is_main_process():
-            log.info("stage %s: %.1fM trainable of %.1fM parameters; %d train / %d val samples "
-                     "(%d rows/epoch), %d skipped, %d malformed", cfg.train.stage, trainable / 1e6,
-                     sum(p.numel() for p in model.parameters()) / 1e6, len(self.train_data.samples),
+            log.info("stage %s: %.1fM trainable of %.1fM parameters (summed over pipeline stages, per "
+                     "tensor-parallel rank); %d train / %d val samples (%d rows/epoch), %d skipped, %d malformed",
+                     cfg.train.stage, trainable / 1e6, parameters / 1e6, len(self.train_data.samples),
                      len(self.val_data.samples), self.train_data.rows_per_epoch(),
                      len(self.train_data.skipped) + len(self.val_data.skipped), self.counters["malformed"])
         if cfg.train.resume and (last := latest_checkpoint(self.checkpoint_dir)) is not None:
             self.load(last)
         elif cfg.train.init_from:
             self.init_from(Path(cfg.train.init_from))
+
+    def _configure_schedule(self) -> None:
+        """What Megatron-Core's schedules read from the model config (as Megatron-LM sets it)."""
+        config = self.model[0].config  # shared by the LLM's chunks
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads  # DP reduction, tied embeddings across stages
+        # Megatron-LM's defaults: the interleaved schedule overlaps its point-to-point traffic with
+        # compute; batched send/receive pairs otherwise. Gloo mixes up batched pairs that go both
+        # ways at once (the interleaved steady state), so on CPU every transfer is on its own.
+        config.overlap_p2p_comm = len(self.model) > 1
+        config.batch_p2p_comm = not config.overlap_p2p_comm and dist.get_backend() == "nccl"
+        if self.cfg.parallel.overlap_grad_reduce:
+            no_sync = [chunk.no_sync for chunk in self.model]
+            start_sync = [chunk.start_grad_sync for chunk in self.model]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            config.grad_sync_func = start_sync[0] if len(start_sync) == 1 else start_sync
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -173,15 +215,22 @@ class Trainer:
         # A frozen pretrained LLM is read from its own checkpoint at start-up and never
         # changes: it is left out (its LoRA adapters are not). Everything else is saved, so
         # that each stage's checkpoint is complete for the next one.
+        # Tensors are keyed by global names (layer numbers across pipeline stages included), so
+        # any tensor, pipeline or data-parallel layout can load what another saved.
         llm = self.cfg.model.llm
         pretrained_frozen_llm = llm is not None and bool(llm.checkpoint) and "llm" in self.cfg.train.freeze
-        model_state = {k: v for k, v in self.model.module.sharded_state_dict().items()
-                       if not (pretrained_frozen_llm and k.startswith("llm.") and not is_adapter(k))}
+        states = [{k: v for k, v in chunk.module.sharded_state_dict().items()
+                   if not (pretrained_frozen_llm and k.startswith("llm.") and not is_adapter(k))}
+                  for chunk in self.model]
+        model_state = dict(zip(self._chunk_keys(), states))
         # A sharded optimizer state is saved so that any data-parallel size can load it.
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if self.cfg.parallel.distributed_optimizer \
             else None
-        return {"model": model_state,
+        return {**model_state,
                 "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)}
+
+    def _chunk_keys(self) -> list[str]:
+        return ["model"] if len(self.model) == 1 else [f"model{i}" for i in range(len(self.model))]
 
     def save(self) -> None:
         path = save_checkpoint(self.checkpoint_dir, self.step, self._checkpointed_state(),
@@ -191,16 +240,21 @@ class Trainer:
     def init_from(self, path: Path) -> None:
         """Loads the weights this model shares with an earlier stage's checkpoint."""
         try:
-            loaded, wanted = load_shared_weights(self.model.module, path)
+            loaded, wanted = load_shared_weights([chunk.module for chunk in self.model], path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"train.init_from: {e}") from None
+        loaded, wanted = self._global_sum([loaded, wanted], pipeline=True)
         if loaded == 0:
             raise ValueError(f"{path}: shares no weights with stage {self.cfg.train.stage}")
         log.info("initialised %d tensors from %s (%d others not in it)", loaded, path, wanted - loaded)
+        self.stage.on_init_from()
 
     def load(self, path: Path) -> None:
+        if self.cfg.parallel.distributed_optimizer:
+            materialize_adam_state(self.optimizer)
         state, trainer_state = load_checkpoint(path, self._checkpointed_state(is_loading=True))
-        self.model.module.load_state_dict(state["model"], strict=False)
+        for chunk, key in zip(self.model, self._chunk_keys()):
+            chunk.module.load_state_dict(state[key], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.step = trainer_state["step"]
@@ -213,29 +267,45 @@ class Trainer:
         first = step * per_step + self.dp_rank * self.cfg.train.micro_batches
         return list(range(first, first + self.cfg.train.micro_batches))
 
-    def _global_sum(self, values: list[float]) -> list[float]:
+    def _global_sum(self, values: list[float], pipeline: bool = False) -> list[float]:
+        """Sums over data-parallel ranks (every pipeline stage reads the same rows), and with
+        `pipeline` over pipeline stages too (values that one stage computes)."""
         # NCCL reduces device tensors only.
         tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        if pipeline and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
         return tensor.tolist()
 
     def _losses(self, batches: list[PackedBatch], train: bool) -> dict[str, float]:
-        """Forward (and backward when training) over this rank's batches; global-mean losses."""
+        """Forward (and backward when training) over this rank's batches through Megatron-Core's
+        schedule; global-mean losses."""
         names = list(self.stage.weights)
         local_counts = [sum(self.stage.counts(b).get(n, 0.0) for b in batches) for n in names]
         counts = dict(zip(names, self._global_sum(local_counts)))
         sums, seen = dict.fromkeys(names, 0.0), set()
-        for batch in batches:
-            with torch.set_grad_enabled(train):
-                values = self.stage.losses(self.model.module, batch)  # DDP hooks sit on the parameters
-                objective = sum(self.stage.weights[n] * v / max(counts[n], 1.0) for n, v in values.items())
-            if train:
-                # DDP averages gradients over data-parallel ranks; the objective is a global sum.
-                (objective * self.dp_size).backward()
+
+        def forward_step(data_iterator, chunk):
+            batch = next(data_iterator)
+            module = chunk.module  # DDP hooks sit on the parameters
+            output, values = self.stage.losses(module, batch)
             for name, value in values.items():
                 sums[name] += value.item()
                 seen.add(name)
-        totals = self._global_sum(list(sums.values()) + [float(n in seen) for n in names])
+            # The objective is a global sum already: undo DDP's average over data-parallel ranks
+            # and the schedule's division by the micro-batch count.
+            objective = self.dp_size * sum(self.stage.weights[n] * v / max(counts[n], 1.0) for n, v in values.items())
+            if module.post_process:
+                return output, lambda _: (objective * len(batches), {})
+            if train and torch.is_tensor(objective) and objective.requires_grad:
+                output = AddLossGradient.apply(output, objective)  # e.g. distillation on the first stage
+            return output, None
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.model], model=self.model,
+            num_microbatches=len(batches), seq_length=self.cfg.data.seq_length, micro_batch_size=1,
+            forward_only=not train)
+        totals = self._global_sum(list(sums.values()) + [float(n in seen) for n in names], pipeline=True)
         reported = totals[len(names):]  # a loss some rank computed
         return {name: total / max(counts[name], 1.0)
                 for name, total, any_rank in zip(names, totals, reported) if any_rank}
@@ -245,16 +315,16 @@ class Trainer:
         start = time.perf_counter()
         batches = [self.train_data[row] for row in self._rows(self.step)]
         data_time = time.perf_counter() - start
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        visual_model = self.model.module
+        visual_model = self.model[0].module  # the visual input runs with the first chunk
         visual_model.visual_seconds = 0.0
         losses = self._losses(batches, train=True)
         compute_done = time.perf_counter()
         finite = all(math.isfinite(v) for v in losses.values())  # global values: every rank agrees
-        if finite:
-            self.model.finish_grad_sync()
+        if finite:  # the schedule reduced the gradients already (finalize_model_grads)
             update_ok, grad_norm, _ = self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
@@ -291,7 +361,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
+        for chunk in self.model:
+            chunk.eval()
         rows = range(min(self.cfg.train.eval_batches * self.dp_size, self.val_data.rows_per_epoch()))
         mine = [self.val_data[r] for r in rows if r % self.dp_size == self.dp_rank]
         losses = self._losses(mine, train=False)
