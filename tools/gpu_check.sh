@@ -7,7 +7,8 @@
 # 4. the LLM training step (Qwen2.5-0.5B / 1.5B shapes, packed 4K rows): tokens/s, MFU;
 #    the discrete vs continuous speedup at full size, 4K and 8K rows;
 # 5. a seconds-long stage 1 in bf16 through the training loop (DDP, optimizer, checkpoints);
-# 6. with Transformer Engine installed: the same encode with TE layers.
+# 6. with Transformer Engine installed (clusters; not the lent GPU): the same encode with TE
+#    layers; TE vs local parity on the LLM and FP8 (delayed, current) vs bf16 step throughput.
 # Uses the python3 that holds a CUDA torch. A machine without megatron-core takes it
 # from .whl/ (pip download megatron-core==0.19.2 for its Python; see README).
 set -uo pipefail
@@ -41,6 +42,8 @@ step "stage 1 smoke, bf16, CUDA/NCCL" \
 if python3 -c 'import transformer_engine.pytorch' 2>/dev/null; then
     step "encode, SO400M-sized encoder, bf16, Transformer Engine layers" \
         torchrun --nproc-per-node 1 -m viq_megatron.encode --config examples/encoder_so400m_gpu.yaml model.transformer_impl=transformer_engine
+    step "LLM step, Qwen2.5-1.5B shape, local vs TE bf16 vs TE FP8 (delayed, current), parity first" \
+        python3 tools/bench_llm.py --model qwen2.5-1.5b --seq-length 4096 --samples-per-row 4 --steps 10 --compare-te
 else
     echo; echo "== Transformer Engine not installed here: TE steps skipped"
 fi

@@ -28,6 +28,11 @@ from viq_megatron.models.attention import PackedSDPAttention
 log = logging.getLogger(__name__)
 _said_local = False
 
+# TE fuses each pre-norm into the linear after it. Checkpoints of local layers use TE's
+# names (as Megatron-Core's own local spec does), so either kind of run loads the other's.
+LOCAL_TO_TE = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+               "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
 
 def resolve_transformer_impl(requested: str) -> str:
     """'auto' -> 'transformer_engine' when TE imports, else 'local' (said once in the log)."""
@@ -87,5 +92,16 @@ def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
             mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
                 linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=LOCAL_TO_TE,
         ),
     )
+
+
+def te_layer_names(state: dict) -> dict:
+    """A local-spec state dict renamed for the TE spec (see LOCAL_TO_TE)."""
+    out = {}
+    for name, tensor in state.items():
+        for local, te in LOCAL_TO_TE.items():
+            name = name.replace(f".{local}", f".{te}")
+        out[name] = tensor
+    return out
