@@ -39,6 +39,9 @@ class EncoderConfig:
     # Side of the learned absolute position grid; it is resized to each image's grid.
     position_embedding_size: int = 16
     layernorm_epsilon: float = 1e-6
+    # A converted SigLIP / SigLIP2 tower (tools/convert_vision_checkpoint.py) to start from; its
+    # encoder.json must agree with the sizes above (the converter prints them).
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "hidden_size", "num_layers", "num_attention_heads",

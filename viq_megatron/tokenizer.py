@@ -72,7 +72,8 @@ class ViQTokenizer:
 
     # ------------------------------------------------------------------ files
     def _config_dict(self) -> dict:
-        model = {"encoder": dataclasses.asdict(self.cfg.model.encoder), "head": dataclasses.asdict(self.cfg.model.head),
+        # The tokenizer's own weights replace an imported encoder's: init_from is not carried.
+        model = {"encoder": {**dataclasses.asdict(self.cfg.model.encoder), "init_from": ""}, "head": dataclasses.asdict(self.cfg.model.head),
                  "params_dtype": self.cfg.model.params_dtype}
         if self.cfg.model.decoder is not None:
             model["decoder"] = dataclasses.asdict(self.cfg.model.decoder)

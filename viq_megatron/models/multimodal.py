@@ -18,6 +18,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.data.multimodal import PackedBatch
+from viq_megatron.models.pooling import AttentionPooling
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import NativeResolutionViT, row_blocked
 
@@ -34,17 +35,30 @@ class Projector(torch.nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def mean_pool(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Mean token of each image: [images, hidden]."""
+    bounds = cu_seqlens.tolist()
+    return torch.stack([tokens[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
 class EncoderVisualInput(MegatronModule):
     """Images -> encoder tokens -> projector: the continuous visual input."""
 
-    def __init__(self, encoder: NativeResolutionViT, projector: Projector, teacher: NativeResolutionViT | None = None):
+    def __init__(self, encoder: NativeResolutionViT, projector: Projector, teacher: NativeResolutionViT | None = None,
+                 pooling: AttentionPooling | None = None):
         super().__init__(config=encoder.config)
         self.encoder = encoder
         self.projector = projector
         # Stage 1's frozen copy of the starting encoder, distilled toward at fixed resolution.
         # A module, so checkpoints keep it: a resumed run distils toward the same teacher.
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
+        # An imported SigLIP's frozen attention-pooling head; without one, features are mean-pooled.
+        self.pooling = pooling.requires_grad_(False) if pooling is not None else None
         self.last_features: torch.Tensor | None = None  # encoder tokens of the last batch (distillation)
+
+    def pool(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """One feature vector per image [images, hidden] (what stage 1 distils)."""
+        return self.pooling(tokens, cu_seqlens) if self.pooling is not None else mean_pool(tokens, cu_seqlens)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         self.last_features = self.encoder(batch.images)
@@ -62,6 +76,9 @@ class QuantizedVisualInput(MegatronModule):
         self.last_encoder_tokens: torch.Tensor | None = None
         self.last_features: torch.Tensor | None = None  # head output of the last batch (distillation)
         self.last_bottleneck: torch.Tensor | None = None  # [N, 4, d] before the quantizer (codebook stats)
+
+    def pool(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return mean_pool(tokens, cu_seqlens)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         self.last_encoder_tokens = self.encoder(batch.images)

@@ -17,7 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.config import Config
 from viq_megatron.data.multimodal import PackedBatch
-from viq_megatron.encode import build_encoder, params_dtype
+from viq_megatron.encode import build_encoder, build_pooling_head, params_dtype
 from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
 from viq_megatron.models.hf_llm import load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm_chunks
@@ -69,12 +69,6 @@ def build_head(cfg: Config) -> ViQHead:
     return head.cuda() if torch.cuda.is_available() else head
 
 
-def pooled_per_image(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Mean token of each image: [images, hidden]."""
-    bounds = cu_seqlens.tolist()
-    return torch.stack([tokens[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
-
-
 def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-image loss between pooled features [images, hidden], summed over images."""
     if kind == "cosine":
@@ -93,7 +87,7 @@ def _caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distil
         output = model(batch)
         out = {"caption": (output * batch.loss_mask.to(output.device)).sum()} if model.post_process else {}
         if model.visual is not None and batch.images is not None and distill_target is not None:
-            student = pooled_per_image(model.visual.last_features, batch.images.cu_seqlens)
+            student = model.visual.pool(model.visual.last_features, batch.images.cu_seqlens)
             with torch.no_grad():
                 target = distill_target(model.visual, batch)
             out["distill"] = distillation(student, target, cfg.train.distill_loss)
@@ -130,13 +124,14 @@ def build_stage1(cfg: Config) -> Stage:
     projector = Projector(cfg.model.encoder.hidden_size, llm[0].config.hidden_size,
                           params_dtype(cfg.model.params_dtype))
     teacher, _ = build_encoder(cfg)  # megatron modules hold process groups: no deepcopy
-    visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device), teacher)
+    visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device), teacher,
+                                build_pooling_head(cfg))
 
     def copy_encoder_to_teacher() -> None:  # the teacher is the encoder stage 1 starts from
         teacher.load_state_dict(encoder.state_dict())
 
     def fixed_resolution_teacher(visual, batch: PackedBatch) -> torch.Tensor:
-        return pooled_per_image(visual.teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
+        return visual.pool(visual.teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
 
     copy_encoder_to_teacher()
     stage = _caption_stage(cfg, visual, llm, fixed_resolution_teacher)
@@ -163,7 +158,7 @@ def build_stage2(cfg: Config) -> Stage:
 
     def stage1_features(visual: QuantizedVisualInput, batch: PackedBatch) -> torch.Tensor:
         # The head must keep what the text-aligned stage-1 encoder carries.
-        return pooled_per_image(visual.last_encoder_tokens.detach(), batch.images.cu_seqlens)
+        return visual.pool(visual.last_encoder_tokens.detach(), batch.images.cu_seqlens)
 
     stage = _caption_stage(cfg, visual, llm, stage1_features, reconstruct)
     stats = CodebookStats(head.quantizer.fsq)
