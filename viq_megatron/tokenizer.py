@@ -44,7 +44,7 @@ class EncodedImage:
     size: tuple[int, int]  # (width, height) of the resized image
 
 
-def _ensure_runtime() -> None:
+def ensure_single_process_runtime() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -64,7 +64,7 @@ class ViQTokenizer:
             raise ConfigError("model.head: missing (a ViQ tokenizer needs its quantization head)")
         if cfg.model.head.quantizer != "fsq":
             raise ConfigError(f"model.head.quantizer: {cfg.model.head.quantizer!r} has no codes; export an fsq head")
-        _ensure_runtime()
+        ensure_single_process_runtime()
         self.cfg = cfg
         self.llm_hidden_size = llm_hidden_size
         self.visual = build_visual_tokenizer(cfg, llm_hidden_size).eval()

@@ -30,6 +30,7 @@ class Sample:
     source: str  # "file:index"
     turns: tuple[Turn, ...]
     images: tuple[Path, ...]
+    id: object = None  # the sample's own "id" (or "question_id"), when it has one
 
 
 def _image_entries(raw) -> list[str]:
@@ -47,10 +48,18 @@ def _image_entries(raw) -> list[str]:
     return paths
 
 
-def parse_sample(raw, root: Path, allow_outside_root: bool) -> tuple[tuple[Turn, ...], tuple[Path, ...]]:
-    """Validates one raw sample; raises ValueError with the problem (without file/index)."""
+def parse_sample(raw, root: Path, allow_outside_root: bool,
+                 questions: bool = False) -> tuple[tuple[Turn, ...], tuple[Path, ...]]:
+    """Validates one raw sample; raises ValueError with the problem (without file/index).
+    `questions`: a question file (evaluation): the answer is optional, and LLaVA's evaluation
+    format {"question_id", "image", "text"} is read as one human turn."""
     if not isinstance(raw, dict):
         raise ValueError("sample is not a JSON object")
+    if questions and "conversations" not in raw and isinstance(raw.get("text"), str):
+        text = raw["text"]
+        if raw.get("image") and IMAGE_PLACEHOLDER not in text:
+            text = f"{IMAGE_PLACEHOLDER}\n{text}"
+        raw = {**raw, "conversations": [{"from": "human", "value": text}]}
     conversation = raw.get("conversations")
     if not isinstance(conversation, list) or not conversation:
         raise ValueError("empty or missing 'conversations'")
@@ -62,7 +71,7 @@ def parse_sample(raw, root: Path, allow_outside_root: bool) -> tuple[tuple[Turn,
         if role is None:
             raise ValueError(f"turn {k} has unknown speaker {turn.get('from')!r}")
         turns.append(Turn(role, turn["value"]))
-    if not any(t.role == "assistant" and t.text.strip() for t in turns):
+    if not questions and not any(t.role == "assistant" and t.text.strip() for t in turns):
         raise ValueError("no assistant answer to learn from")
     if any(IMAGE_PLACEHOLDER in t.text for t in turns if t.role == "assistant"):
         raise ValueError(f"{IMAGE_PLACEHOLDER} placeholder inside an assistant answer")
@@ -83,9 +92,10 @@ def parse_sample(raw, root: Path, allow_outside_root: bool) -> tuple[tuple[Turn,
     return tuple(turns), tuple(resolved)
 
 
-def read_conversations(path: str | Path, root: str | Path | None = None,
-                       allow_outside_root: bool = False) -> Iterator[Sample | SampleError]:
-    """Yields each sample, or a SampleError in its place; never stops early on a bad sample."""
+def read_conversations(path: str | Path, root: str | Path | None = None, allow_outside_root: bool = False,
+                       questions: bool = False) -> Iterator[Sample | SampleError]:
+    """Yields each sample, or a SampleError in its place; never stops early on a bad sample.
+    `questions`: read a question file (see parse_sample)."""
     path = Path(path)
     root = Path(root) if root else path.parent
     try:
@@ -110,8 +120,8 @@ def read_conversations(path: str | Path, root: str | Path | None = None,
             yield raw
             continue
         try:
-            turns, images = parse_sample(raw, root, allow_outside_root)
+            turns, images = parse_sample(raw, root, allow_outside_root, questions)
         except ValueError as e:
             yield SampleError(f"{path}: sample {index}: {e}")
             continue
-        yield Sample(f"{path}:{index}", turns, images)
+        yield Sample(f"{path}:{index}", turns, images, raw.get("id", raw.get("question_id")))

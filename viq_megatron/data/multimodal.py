@@ -48,15 +48,16 @@ class EncodedSample:
 
 
 def encode_sample(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                  teacher_side: int | None) -> EncodedSample:
+                  teacher_side: int | None, generation_prompt: bool = False) -> EncodedSample:
     """Decodes the sample's images and lays out its tokens; raises ImageError for a bad image.
-    `teacher_side`: also the fixed-resolution square view (stage 1's teacher), else None."""
+    `teacher_side`: also the fixed-resolution square view (stage 1's teacher), else None.
+    `generation_prompt`: lay out the conversation only up to where the next answer starts."""
     decoded = [open_rgb(path, rules) for path in sample.images]
     images = [to_native(im, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
     teacher = [] if teacher_side is None else [
         to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
     ids, flags, slots = [], [], []
-    for piece in tokenize_conversation(tokenizer, sample.turns).pieces:
+    for piece in tokenize_conversation(tokenizer, sample.turns, generation_prompt).pieces:
         if piece[0] == "image":
             n = images[piece[1]].num_patches
             slots.extend(range(len(ids), len(ids) + n))

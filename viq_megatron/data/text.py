@@ -45,9 +45,16 @@ class TextTokenizer(Protocol):
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
 
 
-def tokenize_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn]) -> RenderedConversation:
-    """Renders, splits at `<image>` and tokenizes each text segment with its loss flags."""
-    text, spans = tokenizer.render(turns)
+def tokenize_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn],
+                          generation_prompt: bool = False) -> RenderedConversation:
+    """Renders, splits at `<image>` and tokenizes each text segment with its loss flags.
+    `generation_prompt`: the conversation only up to where the next assistant answer starts,
+    laid out as training lays it out (the prompt to generate that answer from)."""
+    if generation_prompt:
+        text, spans = tokenizer.render([*turns, Turn("assistant", "")])
+        text, spans = text[:spans[-1][0]], []
+    else:
+        text, spans = tokenizer.render(turns)
     pieces: list[tuple] = []
     start = 0
     for image_index, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
@@ -65,9 +72,11 @@ def _plain_render(turns: Sequence[Turn], eos: str) -> tuple[str, list[tuple[int,
     text, spans = "", []
     for turn in turns:
         if turn.role == "assistant":
-            text += "Assistant: "
-            spans.append((len(text), len(text) + len(turn.text) + len(eos)))
-            text += turn.text + eos + "\n"
+            # The span starts at the space before the answer: tokenizers that fold a space into
+            # the next word (SentencePiece's "▁red") then keep the answer's first token in it.
+            text += "Assistant:"
+            spans.append((len(text), len(text) + 1 + len(turn.text) + len(eos)))
+            text += " " + turn.text + eos + "\n"
         else:
             text += ("System: " if turn.role == "system" else "User: ") + turn.text + "\n"
     return text, spans

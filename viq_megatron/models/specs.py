@@ -97,11 +97,20 @@ def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
     )
 
 
-def te_layer_names(state: dict) -> dict:
-    """A local-spec state dict renamed for the TE spec (see LOCAL_TO_TE)."""
+def _renamed(state: dict, renames: dict[str, str]) -> dict:
     out = {}
     for name, tensor in state.items():
-        for local, te in LOCAL_TO_TE.items():
-            name = name.replace(f".{local}", f".{te}")
+        for old, new in renames.items():
+            name = name.replace(f".{old}", f".{new}")
         out[name] = tensor
     return out
+
+
+def te_layer_names(state: dict) -> dict:
+    """A local-spec state dict renamed for the TE spec (see LOCAL_TO_TE)."""
+    return _renamed(state, LOCAL_TO_TE)
+
+
+def local_layer_names(state: dict) -> dict:
+    """A TE-spec state dict renamed for the local spec (either kind of state dict passes)."""
+    return _renamed(state, {te: local for local, te in LOCAL_TO_TE.items()})

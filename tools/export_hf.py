@@ -1,0 +1,120 @@
+"""Export a trained multimodal model for Hugging Face-based evaluation harnesses.
+
+    python tools/export_hf.py --config CFG --checkpoint RUN_DIR --out DIR [--text-tokenizer PATH] [key.sub=value ...]
+
+DIR gets the LLM as a standard LlamaForCausalLM / Qwen2ForCausalLM directory (config.json,
+generation_config.json, model.safetensors; the tokenizer files when the LLM came from an HF
+checkpoint) and DIR/viq_visual/: the visual input that fills each image's placeholder tokens
+(encoder [+ ViQ head] + projector: config.json, model.safetensors; tokenizer.model for runs
+with a SentencePiece tokenizer). viq_megatron/hf_adapter.py runs the two together and says
+how to port that into a harness. LoRA adapters are merged into the LLM's weights.
+
+The model is built and loaded as `python -m viq_megatron.evaluate` builds it (same config,
+same checkpoint rules), in one process: the checkpoint may come from any parallel layout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import viq_megatron  # noqa: E402,F401
+
+def llm_weights(llm, lora_scale: float) -> dict:
+    """The LLM's weights in our TP=1 layout (local layer names), LoRA adapters merged:
+    W + scale * B A is what the adapter's forward hook computes."""
+    from viq_megatron.models.sharding import full_state_dict
+    from viq_megatron.models.specs import local_layer_names
+
+    state = {k: v for k, v in full_state_dict(llm).items() if not k.endswith("_extra_state")}
+    for name in [k for k in state if k.endswith(".lora_a")]:
+        base = name[:-len("lora_a")]
+        a, b = state.pop(name), state.pop(base + "lora_b")
+        state[base + "weight"] = state[base + "weight"] + lora_scale * (b.float() @ a.float()).to(a.dtype)
+    return local_layer_names(state)  # a TE model's fused norms under their local names
+
+
+def save_hf_llm(weights: dict, arch, stop: list[int], out: Path) -> None:
+    """A standard HF causal LM; generation stops at `stop` (EOS first, then the chat template's end of turn)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from viq_megatron.models.hf_llm import CheckpointError, hf_config_dict, megatron_to_hf
+
+    hf = megatron_to_hf(weights, arch)
+    params = hf_config_dict(arch)
+    config = AutoConfig.for_model(params.pop("model_type"), **params, eos_token_id=stop[0])
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(hf.values())).dtype)
+    missing, unexpected = model.load_state_dict(hf, strict=False)
+    missing = [k for k in missing if not (arch.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"export: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, stop[0]
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def save_visual(model, visual_cfg, impl: str, out: Path) -> None:
+    """The visual input's weights (TP=1) and the config that rebuilds it (hf_adapter.ViQVisual)."""
+    from safetensors.torch import save_file
+
+    from viq_megatron.hf_adapter import CONFIG_FILE, WEIGHTS_FILE
+    from viq_megatron.models.sharding import full_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    training_only = ("teacher.", "pooling.")  # stage 1's distillation target
+    weights = {k: v.contiguous() for k, v in full_state_dict(model.visual).items()
+               if not k.startswith(training_only) and not k.endswith("_extra_state")}
+    save_file(weights, str(out / WEIGHTS_FILE))
+    head = getattr(model.visual, "head", None)
+    config = {"visual": "encoder" if head is None else "quantized", "llm_hidden_size": model.llm.config.hidden_size,
+              # These weights replace an imported encoder's: init_from is not carried.
+              "model": {"encoder": {**dataclasses.asdict(visual_cfg.model.encoder), "init_from": ""},
+                        "head": dataclasses.asdict(visual_cfg.model.head) if head is not None else None,
+                        "params_dtype": visual_cfg.model.params_dtype, "transformer_impl": impl},
+              "data": {"image": dataclasses.asdict(visual_cfg.data.image),
+                       "tokens_per_pack": visual_cfg.data.tokens_per_pack}}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from viq_megatron.config import ConfigError, ParallelConfig, parse_command_line
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a run's output_dir, or one of its checkpoints")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--text-tokenizer", help="SentencePiece .model or HF tokenizer folder (default: the run's)")
+    args, cfg = parse_command_line(parser, argv, required=False)
+    from viq_megatron.data.text import HFTokenizer
+    from viq_megatron.evaluate import load_model, load_text_tokenizer, stop_ids
+    from viq_megatron.hf_adapter import TEXT_TOKENIZER_FILE, VISUAL_DIR
+    from viq_megatron.models.hf_llm import CheckpointError
+    from viq_megatron.models.specs import resolve_transformer_impl
+    from viq_megatron.runtime.distributed import initialize
+    from viq_megatron.tokenizer import TokenizerError
+    from viq_megatron.training.stages import llm_arch
+
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())  # one process holds the whole model
+    try:
+        initialize(cfg.parallel, cfg.seed, environ={})
+        text = load_text_tokenizer(cfg, args.checkpoint, args.text_tokenizer)
+        model, visual_cfg = load_model(cfg, args.checkpoint)
+        lora = cfg.model.llm.lora
+        save_hf_llm(llm_weights(model.llm, lora.alpha / lora.rank if lora.rank else 0.0), llm_arch(cfg),
+                    [text.eos_id, *sorted(stop_ids(text) - {text.eos_id})], args.out)
+        save_visual(model, visual_cfg, resolve_transformer_impl(cfg.model.transformer_impl), args.out / VISUAL_DIR)
+    except (ConfigError, FileNotFoundError, CheckpointError, TokenizerError) as e:
+        parser.exit(2, f"error: {e}\n")
+    if isinstance(text, HFTokenizer):
+        text.tokenizer.save_pretrained(args.out)
+    else:
+        shutil.copyfile(text.model_file, args.out / VISUAL_DIR / TEXT_TOKENIZER_FILE)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

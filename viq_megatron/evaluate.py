@@ -1,0 +1,323 @@
+"""Answer LLaVA-style questions with a trained multimodal model: greedy decoding, answers as JSONL.
+
+    python -m viq_megatron.evaluate --config CFG --checkpoint RUN_DIR --questions q.jsonl --out answers.jsonl \\
+        [--max-new-tokens 32] [--batch-size 8] [--text-tokenizer PATH] [key.sub=value ...]
+    torchrun --nproc-per-node 8 -m viq_megatron.evaluate ... parallel.tensor_model_parallel_size=2
+
+Questions: the training format (a JSON list or JSONL of {"id", "image", "conversations"}),
+where the last human turn is the question and a gpt turn after it, if any, the reference
+answer; or LLaVA's evaluation format {"question_id", "image", "text"}. A question is laid
+out exactly as a training sample is, up to where its answer starts. `--batch-size`
+questions are packed into one sequence (cu_seqlens keep them apart) and decoded greedily
+until EOS or `--max-new-tokens`; each new token reruns the whole LLM forward pass (no KV
+cache: simple, and cheap at answer lengths), the visual input runs once per batch.
+
+Output: one JSON line per question, in input order: {"id", "question", "answer", "reference"}
+("id": the sample's id or question_id, else its index). With references, the exact-match
+accuracy after `normalize` is printed. Under torchrun the questions are split over the
+data-parallel ranks, each tensor-parallel group decodes its share from full (gathered)
+logits, and rank 0 writes the file. Pipeline parallelism is not supported here.
+
+The model is the config's stage with the run's checkpoint loaded over it: stage1 and
+continuous: encoder + projector; stage2: encoder + ViQ head + projector; discrete: the
+ViQ tokenizer of model.viq_tokenizer encodes the images online (encoder + head) and the
+run's head + projector embed its codes, which is what the offline codes fed the LLM in
+training. A frozen pretrained LLM that the checkpoint leaves out comes from
+model.llm.checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import string
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from viq_megatron.config import Config, ConfigError, ImageConfig, parse_command_line
+from viq_megatron.data.conversations import Sample, SampleError, read_conversations
+from viq_megatron.data.images import ImageError
+from viq_megatron.data.multimodal import EncodedSample, encode_sample, pack_samples
+from viq_megatron.data.text import (IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, TextTokenizer, Turn,
+                                    tokenize_conversation)
+from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
+
+log = logging.getLogger("viq_megatron.evaluate")
+
+ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete")
+
+
+@dataclass
+class Question:
+    index: int  # position in the question file
+    id: object  # the sample's id / question_id, else its index
+    sample: Sample  # the turns up to and including the question
+    question: str
+    reference: str | None
+
+
+def read_questions(path: str | Path, root: str | None = None, allow_outside_root: bool = False) -> list[Question]:
+    """All questions of a file; raises SampleError (one line naming the file and sample) on a bad one."""
+    questions = []
+    for index, item in enumerate(read_conversations(path, root or None, allow_outside_root, questions=True)):
+        if isinstance(item, SampleError):
+            raise item
+        users = [k for k, turn in enumerate(item.turns) if turn.role == "user"]
+        if not users:
+            raise SampleError(f"{path}: sample {index}: no human turn to answer")
+        last = users[-1]
+        replies = [turn.text for turn in item.turns[last + 1:] if turn.role == "assistant"]
+        questions.append(Question(index, index if item.id is None else item.id,
+                                  replace(item, turns=item.turns[:last + 1]),
+                                  item.turns[last].text.replace(IMAGE_PLACEHOLDER, "").strip(),
+                                  replies[0] if replies else None))
+    if not questions:
+        raise SampleError(f"{path}: no questions")
+    return questions
+
+
+def stop_ids(tokenizer: TextTokenizer) -> set[int]:
+    """Token ids that end an answer: EOS, and the special tokens that close an assistant turn in
+    the chat template (e.g. Qwen2.5's <|im_end|>, where EOS is <|endoftext|>)."""
+    pieces = tokenize_conversation(tokenizer, [Turn("user", "Hi"), Turn("assistant", "Hello")]).pieces
+    answer = [i for piece in pieces if piece[0] == "text" for i, flag in zip(piece[1], piece[2]) if flag]
+    special = set(getattr(getattr(tokenizer, "tokenizer", None), "all_special_ids", ()))
+    return {tokenizer.eos_id, *(i for i in answer if i in special)}
+
+
+def normalize(answer: str) -> str:
+    """For exact match: lower case, single spaces, no punctuation around words or at the ends."""
+    words = (w.strip(string.punctuation) for w in answer.lower().split())
+    return " ".join(w for w in words if w)
+
+
+def load_text_tokenizer(cfg: Config, checkpoint: Path, path: str | None = None) -> TextTokenizer:
+    """The tokenizer the run trained with: `path` (a SentencePiece .model or an HF tokenizer
+    folder) when given, else the LLM checkpoint's own, else the run's trained SentencePiece model."""
+    if path:
+        return SentencePieceTokenizer(path) if str(path).endswith(".model") else HFTokenizer(path)
+    if cfg.model.llm.tokenizer.kind == "checkpoint":
+        return HFTokenizer(Path(cfg.model.llm.checkpoint) / "tokenizer")
+    for folder in (checkpoint, *checkpoint.parents[:3]):  # a run dir, its checkpoints/ or one step
+        if (folder / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(folder / "tokenizer.model")
+    raise FileNotFoundError(f"{checkpoint}: no tokenizer.model in the run (the SentencePiece tokenizer it "
+                            "trained with); pass --text-tokenizer")
+
+
+def checkpoint_step(path: str | Path) -> Path:
+    """A run's output_dir, its checkpoints/ folder or one step -> the step directory."""
+    from viq_megatron.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    step = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+    if not (step / "trainer.pt").is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    return step
+
+
+def load_model(cfg: Config, checkpoint: str | Path):
+    """(VisionLanguageModel in eval mode, the config of its visual input): the config's stage
+    with the checkpoint's weights. The visual config is `cfg`, or for the discrete stage the ViQ
+    tokenizer's (its encoder, head and image rules). Collective (every rank calls it). A tensor
+    the model needs that neither the checkpoint nor a pretrained source provides is a one-line error."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from viq_megatron.models.hf_llm import CheckpointError
+    from viq_megatron.models.lora import is_adapter
+    from viq_megatron.training.checkpoint import load_shared_weights
+    from viq_megatron.training.stages import STAGES
+
+    if cfg.model.llm is None:
+        raise ConfigError("model.llm: missing (answering questions needs an LLM)")
+    if cfg.train.stage not in ANSWERING_STAGES:
+        raise ConfigError(f"train.stage: {cfg.train.stage!r} has no LLM; use one of {', '.join(ANSWERING_STAGES)}")
+    if cfg.parallel.pipeline_model_parallel_size != 1:
+        raise ConfigError("parallel.pipeline_model_parallel_size: evaluation keeps the whole LLM on each rank; use 1")
+    step = checkpoint_step(checkpoint)
+    stage = STAGES[cfg.train.stage](cfg)
+    model, visual_cfg = stage.chunks[0], cfg
+    pretrained = set()  # key prefixes whose weights come from elsewhere when the checkpoint lacks them
+    if cfg.model.llm.checkpoint:
+        pretrained.add("llm.")
+    if cfg.train.stage == "stage1":
+        pretrained.update(("visual.teacher.", "visual.pooling."))  # training only
+    if cfg.train.stage == "discrete":
+        visual_cfg = _online_tokenizer(cfg, model)
+        pretrained.add("visual.")
+    available = dist_checkpointing.load_tensors_metadata(str(step))
+    missing = [v.key for v in model.sharded_state_dict().values()
+               if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.key not in available
+               and not (v.key.startswith(tuple(pretrained)) and not is_adapter(v.key))]
+    if missing:
+        raise CheckpointError(f"{step}: tensor {missing[0]} is missing (not a checkpoint of this "
+                              f"config's {cfg.train.stage} model?)")
+    load_shared_weights([model], step)
+    trained_steps = torch.load(step / "trainer.pt", weights_only=True)["step"]
+    stage.on_step(trained_steps)  # schedules that shape the model, e.g. the progressive quantizer's blend
+    return model.eval(), visual_cfg
+
+
+def _online_tokenizer(cfg: Config, model) -> Config:
+    """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head + projector
+    (its weights; the run's checkpoint then overrides the head and projector it trained).
+    Returns `cfg` with the tokenizer's encoder, head and image rules (the codes were made with them)."""
+    from viq_megatron.models.sharding import load_full_state_dict
+    from viq_megatron.tokenizer import read_tokenizer_files
+    from viq_megatron.training.stages import build_visual_tokenizer
+
+    saved, hidden, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
+    tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head),
+                            data=replace(cfg.data, image=saved.data.image))
+    model.visual = build_visual_tokenizer(tokenizer_cfg, hidden)
+    load_full_state_dict(model.visual, {k[len("visual."):]: v for k, v in weights.items() if k.startswith("visual.")})
+    return tokenizer_cfg
+
+
+def next_token_logits(llm, sequences: list[list[int]], slots: list[list[int]],
+                      visual: torch.Tensor | None) -> torch.Tensor:
+    """Full-vocabulary logits [len(sequences), vocab] after the last token of each sequence,
+    all packed into one row: the training forward pass (visual embeddings in the slots,
+    attention and RoPE positions per sequence) with logits instead of a loss, gathered over
+    tensor-parallel ranks. `visual`: the embeddings of all slots, sequence after sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    device = next(llm.parameters()).device
+    lengths = [len(s) for s in sequences]
+    starts = [0, *itertools.accumulate(lengths)]
+    cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
+    tokens = torch.tensor([t for s in sequences for t in s], dtype=torch.int64, device=device)[None]
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    embeddings = llm.embedding(input_ids=tokens, position_ids=positions)  # [T, 1, hidden]
+    places = torch.tensor([start + p for start, s in zip(starts, slots) for p in s], dtype=torch.int64, device=device)
+    if len(places):
+        embeddings = embeddings.index_put((places, torch.zeros_like(places)), visual.to(embeddings.dtype))
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    logits = llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
+                 packed_seq_params=packed, runtime_gather_output=True)  # [1, T, vocab]
+    return logits[0, cu_seqlens[1:].long() - 1].float()
+
+
+@torch.no_grad()
+def generate(model, prompts: list[EncodedSample], stop: set[int], max_new_tokens: int,
+             vocab_size: int | None = None) -> list[list[int]]:
+    """Greedy answers (token ids, the stop token left out) to prompts decoded together in one
+    packed sequence. Ids from `vocab_size` on (embedding rows the tokenizer has no piece for)
+    are never chosen."""
+    batch = pack_samples(prompts)
+    visual = model.visual(batch) if len(batch.visual_positions) else None
+    visuals = list(visual.split([len(p.visual_slots) for p in prompts])) if visual is not None else None
+    answers: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    for _ in range(max_new_tokens):
+        logits = next_token_logits(model.llm, [prompts[i].token_ids + answers[i] for i in active],
+                                   [prompts[i].visual_slots for i in active],
+                                   torch.cat([visuals[i] for i in active]) if visuals else None)
+        if vocab_size is not None:
+            logits[:, vocab_size:] = -float("inf")
+        for i, token in zip(active, logits.argmax(-1).tolist()):
+            answers[i].append(token)
+        active = [i for i in active if answers[i][-1] not in stop]
+        if not active:
+            break
+    return [a[:-1] if a and a[-1] in stop else a for a in answers]
+
+
+def answer_questions(model, questions: list[Question], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
+                     batch_size: int, max_new_tokens: int, progress: bool = False) -> list[dict]:
+    """One result per question, in the given order; an unusable image is a one-line ImageError
+    naming the sample."""
+    from tqdm import tqdm
+
+    results, stop = [], stop_ids(tokenizer)
+    with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            prompts = []
+            for q in chunk:
+                try:
+                    prompts.append(encode_sample(q.sample, tokenizer, rules, patch, None, generation_prompt=True))
+                except ImageError as e:
+                    raise ImageError(f"{q.sample.source}: {e}") from None
+            for q, ids in zip(chunk, generate(model, prompts, stop, max_new_tokens, tokenizer.vocab_size)):
+                results.append({"index": q.index, "id": q.id, "question": q.question,
+                                "answer": tokenizer.decode(ids).strip(), "reference": q.reference})
+            bar.update(len(chunk))
+    return results
+
+
+def accuracy(results: list[dict]) -> tuple[int, int]:
+    """(exact matches after normalisation, questions with a reference)."""
+    scored = [r for r in results if r["reference"] is not None]
+    return sum(normalize(r["answer"]) == normalize(r["reference"]) for r in scored), len(scored)
+
+
+def run(cfg: Config, checkpoint: Path, questions: list[Question], out: Path, batch_size: int = 8,
+        max_new_tokens: int = 32, text_tokenizer: str | None = None) -> list[dict]:
+    """Answers this data-parallel rank's share, gathers every answer on rank 0, which writes
+    `out`. Collective; needs the distributed runtime (initialize). Returns all results on rank 0."""
+    from megatron.core import parallel_state
+
+    tokenizer = load_text_tokenizer(cfg, Path(checkpoint), text_tokenizer)
+    model, visual_cfg = load_model(cfg, checkpoint)
+    rules, patch = visual_cfg.data.image, visual_cfg.model.encoder.patch_size
+    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    start = time.perf_counter()
+    mine = answer_questions(model, questions[rank::size], tokenizer, rules, patch, batch_size, max_new_tokens,
+                            progress=is_main_process())
+    gathered = [None] * dist.get_world_size() if is_main_process() else None
+    dist.gather_object(mine, gathered, dst=0)  # tensor-parallel peers send the same answers
+    if not is_main_process():
+        return []
+    results = sorted({r["index"]: r for part in gathered for r in part}.values(), key=lambda r: r["index"])
+    lines = [{k: v for k, v in r.items() if k != "index" and not (k == "reference" and v is None)} for r in results]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tmp.replace(out)  # a complete file or none
+    log.info("answered %d questions in %.1f s; wrote %s", len(results), time.perf_counter() - start, out)
+    correct, total = accuracy(results)
+    if total:
+        log.info("accuracy: %.3f (%d of %d exact matches after normalisation)", correct / total, correct, total)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a run's output_dir, or one of its checkpoints")
+    parser.add_argument("--questions", required=True, type=Path, help="LLaVA-style JSON/JSONL question file")
+    parser.add_argument("--out", required=True, type=Path, help="answers, one JSON line per question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8, help="questions decoded together in one packed sequence")
+    parser.add_argument("--text-tokenizer", help="SentencePiece .model or HF tokenizer folder (default: the run's)")
+    args, cfg = parse_command_line(parser, argv, required=False)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.exit(2, "error: --batch-size and --max-new-tokens must be >= 1\n")
+    try:  # the question file is checked before any model is built
+        questions = read_questions(args.questions, cfg.data.root, cfg.data.allow_outside_root)
+    except SampleError as e:
+        parser.exit(2, f"error: {e}\n")
+    setup_logging(initialize(cfg.parallel, cfg.seed).rank)
+    from viq_megatron.models.hf_llm import CheckpointError
+    from viq_megatron.tokenizer import TokenizerError
+
+    try:
+        run(cfg, args.checkpoint, questions, args.out, args.batch_size, args.max_new_tokens, args.text_tokenizer)
+    except (ConfigError, FileNotFoundError, ImageError, CheckpointError, TokenizerError) as e:
+        parser.exit(2, f"error: {e}\n")
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
