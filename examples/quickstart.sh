@@ -10,7 +10,9 @@
 #      reconstructions of the shipped photos are scored (PSNR / SSIM) and drawn;
 #   6. the dataset's images become codes once (tools/preprocess_images.py); SmolLM2 then trains
 #      on them (discrete) and, as the baseline, on the images through the encoder (continuous);
-#      their throughput is compared in a table and runs/quickstart/throughput.png.
+#      their throughput is compared in a table and runs/quickstart/throughput.png;
+#   7. the discrete-trained model answers the validation questions (greedy, batched;
+#      runs/quickstart/answers.jsonl, exact-match accuracy printed).
 # Every stage resumes from its last checkpoint in runs/quickstart/ when re-run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,3 +43,6 @@ train --config examples/mllm_continuous_tiny_cpu.yaml
 train --config examples/mllm_discrete_tiny_cpu.yaml
 .venv/bin/python tools/compare_throughput.py $run/continuous/metrics.jsonl $run/discrete/metrics.jsonl \
     --plot $run/throughput.png
+.venv/bin/torchrun --nproc-per-node 2 -m viq_megatron.evaluate --config examples/mllm_discrete_tiny_cpu.yaml \
+    --checkpoint $run/discrete --questions $run/stage1/embedded_data/val.jsonl --out $run/answers.jsonl \
+    --max-new-tokens 24 model.llm.checkpoint="$smollm2"
