@@ -79,27 +79,32 @@ def test_naflex_native_resolution_matches_transformers(naflex, megatron_world):
     assert (pooled - ref["pooled"]).abs().max() < 1e-4
 
 
-def fixed_resolution_model(folder):
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory):
+    """A tiny random SigLIP tower (64x64 pixels, 4x4 patches), its outputs on two images, converted."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
+    folder = tmp_path_factory.mktemp("fixed")
     model = randomized(SiglipVisionModel(SiglipVisionConfig(**SIZES, image_size=64)))
+    model.save_pretrained(folder / "hf")
     torch.manual_seed(2)
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = model(pixel_values=pixels)
     # (C, H, W) -> patches flattened as (p, p, C), row-major over the 4x4 grid
     patches = pixels.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2 * 16, 3 * 16 * 16)
-    return model, patches, out
+    reference = {"patches": patches, "grids": torch.tensor([[4, 4], [4, 4]]),
+                 "hidden": out.last_hidden_state.reshape(-1, 64), "pooled": out.pooler_output}
+    torch.save(reference, folder / "reference.pt")
+    convert(folder / "hf", folder / "ours")
+    return folder, reference, model
 
 
-def test_fixed_resolution_siglip_and_its_timm_layout_match_transformers(tmp_path, megatron_world):
-    model, patches, out = fixed_resolution_model(tmp_path)
-    model.save_pretrained(tmp_path / "hf")
-    convert(tmp_path / "hf", tmp_path / "ours")
-    grids = torch.tensor([[4, 4], [4, 4]])
-    tokens, pooled = ours(tmp_path / "ours", 4, patches, grids)
-    assert (tokens - out.last_hidden_state.reshape(-1, 64)).abs().max() < 1e-4
-    assert (pooled - out.pooler_output).abs().max() < 1e-4
+def test_fixed_resolution_siglip_and_its_timm_layout_match_transformers(fixed, tmp_path, megatron_world):
+    folder, ref, model = fixed
+    tokens, pooled = ours(folder / "ours", 4, ref["patches"], ref["grids"])
+    assert (tokens - ref["hidden"]).abs().max() < 1e-4
+    assert (pooled - ref["pooled"]).abs().max() < 1e-4
 
     # The same weights under timm / open_clip names (fused qkv, the probe's q and kv apart).
     hf = {k.split("vision_model.")[-1]: v for k, v in model.state_dict().items()}
@@ -124,7 +129,7 @@ def test_fixed_resolution_siglip_and_its_timm_layout_match_transformers(tmp_path
                 timm[f"{block}{theirs}.{part}"] = hf[f"{layer}{mine}.{part}"]
     save_file({k: v.contiguous() for k, v in timm.items()}, str(tmp_path / "open_clip.safetensors"))
     convert(tmp_path / "open_clip.safetensors", tmp_path / "from_timm", "--num-attention-heads", "4")
-    assert all(torch.equal(a, b) for a, b in zip(load_file(str(tmp_path / "ours/model.safetensors")).values(),
+    assert all(torch.equal(a, b) for a, b in zip(load_file(str(folder / "ours/model.safetensors")).values(),
                                                  load_file(str(tmp_path / "from_timm/model.safetensors")).values()))
 
 
@@ -156,12 +161,14 @@ def test_config_sizes_must_agree_with_the_converted_encoder(naflex, megatron_wor
         build_encoder(tiny_config(*encoder_overrides(folder / "ours", 8)))
 
 
-def test_tensor_parallel_import_and_stage1_from_it(naflex, tmp_path):
-    """TP=2 gives transformers' outputs; `model.encoder.init_from` starts a stage-1 run from it."""
-    folder, _ = naflex
+def test_tensor_parallel_import_and_stage1_from_it(naflex, fixed, tmp_path):
+    """TP=2 gives transformers' outputs at native and fixed resolution; `model.encoder.init_from`
+    starts a stage-1 run from the import."""
     result = tmp_path / "result.json"
-    torchrun(2, str(ROOT / "tests/workers/siglip_checks.py"), str(folder), str(result), str(tmp_path))
+    torchrun(2, str(ROOT / "tests/workers/siglip_checks.py"), str(naflex[0]), str(fixed[0]), str(result),
+             str(tmp_path))
     checks = json.loads(result.read_text())
-    assert checks["tp2_hidden"] < 1e-4 and checks["tp2_pooled"] < 1e-4
+    for resolution in ("native", "fixed"):
+        assert checks[f"{resolution}_tp2_hidden"] < 1e-4 and checks[f"{resolution}_tp2_pooled"] < 1e-4
     assert checks["teacher_is_imported"] and checks["student_starts_imported"] and checks["has_pooling"]
     assert len(checks["losses"]) == 2 and all(l == l for l in checks["losses"])  # finite, two steps

@@ -1,7 +1,7 @@
 """SigLIP import checks under torchrun (2 processes): TP=2 encoder and pooling head vs the
 transformers reference, then stage 1 started from the import (`model.encoder.init_from`).
 
-argv: the test's folder (ours/, reference.pt), the result JSON, a work folder.
+argv: the native- and fixed-resolution folders (ours/, reference.pt), the result JSON, a work folder.
 """
 import json
 import sys
@@ -31,22 +31,24 @@ if __name__ == "__main__":
     from viq_megatron.runtime.distributed import initialize
     from viq_megatron.training.trainer import Trainer
 
-    folder, out, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    ref = torch.load(folder / "reference.pt", weights_only=True)
-    cfg = tiny_config(*encoder_overrides(folder / "ours", 4), "parallel.tensor_model_parallel_size=2")
-    initialize(cfg.parallel, seed=0)
-    encoder, _ = build_encoder(cfg)
-    pooling = build_pooling_head(cfg)
-    lengths = [h * w for h, w in ref["grids"].tolist()]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    with torch.no_grad():
-        tokens = encoder.eval()(PackedImages(ref["patches"], ref["grids"], cu, ["a", "b"]))
-        pooled = pooling(tokens, cu)
-    result = {"tp2_hidden": (tokens - ref["hidden"]).abs().max().item(),
-              "tp2_pooled": (pooled - ref["pooled"]).abs().max().item()}
+    native, fixed, out, work = (Path(a) for a in sys.argv[1:5])
+    initialize(tiny_config("parallel.tensor_model_parallel_size=2").parallel, seed=0)
+    result = {}
+    for resolution, folder in (("native", native), ("fixed", fixed)):
+        ref = torch.load(folder / "reference.pt", weights_only=True)
+        cfg = tiny_config(*encoder_overrides(folder / "ours", 4), "parallel.tensor_model_parallel_size=2")
+        encoder, _ = build_encoder(cfg)
+        pooling = build_pooling_head(cfg)
+        lengths = [h * w for h, w in ref["grids"].tolist()]
+        cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        with torch.no_grad():
+            tokens = encoder.eval()(PackedImages(ref["patches"], ref["grids"], cu, ["a", "b"]))
+            pooled = pooling(tokens, cu)
+        result[f"{resolution}_tp2_hidden"] = (tokens - ref["hidden"]).abs().max().item()
+        result[f"{resolution}_tp2_pooled"] = (pooled - ref["pooled"]).abs().max().item()
 
-    weights = load_file(str(folder / "ours/model.safetensors"))
-    trainer = Trainer(tiny_train_config(work / "stage1", *encoder_overrides(folder / "ours", 4),
+    weights = load_file(str(native / "ours/model.safetensors"))
+    trainer = Trainer(tiny_train_config(work / "stage1", *encoder_overrides(native / "ours", 4),
                                         "parallel.tensor_model_parallel_size=2", "train.steps=2"))
     visual = trainer.stage.chunks[0].visual
     result.update(student_starts_imported=imported_weights_equal(visual.encoder, weights, "encoder."),
