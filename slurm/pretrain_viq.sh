@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/pretrain_viq.sh CONFIG [key.sub=value ...]          # a training stage
 #   sbatch slurm/pretrain_viq.sh preprocess --input ... --out ...    # tools/preprocess_images.py
+#   sbatch slurm/pretrain_viq.sh evaluate --config ... --checkpoint ... --questions ... --out ...
 #   bash   slurm/pretrain_viq.sh CONFIG [key.sub=value ...]          # no Slurm: torchrun here
 #
 # CONFIG may also come from the environment (CONFIG=... sbatch slurm/pretrain_viq.sh).
@@ -30,6 +31,10 @@ python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo py
 if [[ ${1:-} == preprocess ]]; then
     shift
     entry=(tools/preprocess_images.py "$@")
+    out=""
+elif [[ ${1:-} == evaluate ]]; then
+    shift
+    entry=(-m viq_megatron.evaluate "$@")
     out=""
 else
     config=${1:-${CONFIG:-}}

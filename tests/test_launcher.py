@@ -68,3 +68,8 @@ def test_faked_slurm_allocation(tmp_path):
     assert "scontrol requeue 4242" in result.stdout  # the stub trained nothing: not finished
     assert launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
                        "SLURM_JOB_NODELIST": "gpu[003-004]"}).master_port == 24242  # the Python side agrees
+    evaluate = subprocess.run(["bash", str(ROOT / "slurm/pretrain_viq.sh"), "evaluate", "--config", "c.yaml",
+                               "--questions", "q.jsonl"], capture_output=True, text=True, env=env, timeout=60)
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert "-m viq_megatron.evaluate --config c.yaml --questions q.jsonl" in evaluate.stdout
+    assert "requeue" not in evaluate.stdout  # not a training job: nothing to resume
