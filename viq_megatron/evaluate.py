@@ -111,17 +111,6 @@ def load_text_tokenizer(cfg: Config, checkpoint: Path, path: str | None = None) 
                             "trained with); pass --text-tokenizer")
 
 
-def checkpoint_step(path: str | Path) -> Path:
-    """A run's output_dir, its checkpoints/ folder or one step -> the step directory."""
-    from viq_megatron.training.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    step = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
-    if not (step / "trainer.pt").is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint there")
-    return step
-
-
 def load_model(cfg: Config, checkpoint: str | Path):
     """(VisionLanguageModel in eval mode, the config of its visual input): the config's stage
     with the checkpoint's weights. The visual config is `cfg`, or for the discrete stage the ViQ
@@ -133,7 +122,7 @@ def load_model(cfg: Config, checkpoint: str | Path):
 
     from viq_megatron.models.hf_llm import CheckpointError
     from viq_megatron.models.lora import is_adapter
-    from viq_megatron.training.checkpoint import load_shared_weights
+    from viq_megatron.training.checkpoint import checkpoint_step, load_shared_weights
     from viq_megatron.training.stages import STAGES
 
     if cfg.model.llm is None:

@@ -68,6 +68,15 @@ def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_st
     return final
 
 
+def checkpoint_step(path: str | Path) -> Path:
+    """A run's output_dir, its checkpoints/ folder or one step -> that step's directory."""
+    path = Path(path)
+    step = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
+    if not (step / "trainer.pt").is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    return step
+
+
 def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "") -> tuple[int, int]:
     """Loads the tensors of `modules` (this rank's pipeline chunks; keys under `prefix`) that a
     checkpoint holds: a run's output_dir, its checkpoints/ folder, or one step. Collective:
@@ -75,10 +84,7 @@ def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    path = Path(path)
-    path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
-    if not (path / "trainer.pt").is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint there")
+    path = checkpoint_step(path)
     available = dist_checkpointing.load_tensors_metadata(str(path))
     wanted = {(i, k): v for i, module in enumerate(modules)
               for k, v in module.sharded_state_dict(prefix=prefix).items()
