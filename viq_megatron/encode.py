@@ -39,9 +39,10 @@ def params_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _pretrained_encoder(cfg: EncoderConfig) -> tuple[bool, dict[str, torch.Tensor]]:
-    """(has a pooling head, weights) of model.encoder.init_from, whose sizes must be the config's."""
-    saved, has_head, weights = read_encoder_checkpoint(cfg.init_from)
+def _pretrained_encoder(cfg: EncoderConfig, prefix: str) -> tuple[bool, dict[str, torch.Tensor]]:
+    """(has a pooling head, its tensors under `prefix`) of model.encoder.init_from, whose sizes
+    must be the config's."""
+    saved, has_head, weights = read_encoder_checkpoint(cfg.init_from, prefix)
     for field in dataclasses.fields(saved):
         if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg, field.name):
             raise ConfigError(f"model.encoder.{field.name}: {getattr(cfg, field.name)} differs from "
@@ -49,18 +50,18 @@ def _pretrained_encoder(cfg: EncoderConfig) -> tuple[bool, dict[str, torch.Tenso
     return has_head, weights
 
 
-def build_encoder(cfg: Config) -> tuple[NativeResolutionViT, str]:
-    """The encoder, from model.encoder.init_from's weights when set (split for this TP size)."""
+def build_encoder(cfg: Config, pretrained: bool = True) -> tuple[NativeResolutionViT, str]:
+    """The encoder, from model.encoder.init_from's weights when set and `pretrained` (split for
+    this TP size)."""
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
     config = encoder_transformer_config(cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
                                         params_dtype(cfg.model.params_dtype), impl, cfg.model.fp8)
     # Norms and the patch embedding are created in fp32; the whole encoder runs in params_dtype.
     encoder = NativeResolutionViT(cfg.model.encoder, config, impl).to(config.params_dtype)
-    if cfg.model.encoder.init_from:
-        _, weights = _pretrained_encoder(cfg.model.encoder)
+    if cfg.model.encoder.init_from and pretrained:
+        _, weights = _pretrained_encoder(cfg.model.encoder, ENCODER)
         try:
-            load_full_state_dict(encoder, {k[len(ENCODER):]: v.to(config.params_dtype) for k, v in weights.items()
-                                           if k.startswith(ENCODER)})
+            load_full_state_dict(encoder, {k: v.to(config.params_dtype) for k, v in weights.items()})
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{cfg.model.encoder.init_from}/{WEIGHTS_FILE}: {e}") from None
     return (encoder.cuda() if torch.cuda.is_available() else encoder), impl
@@ -71,13 +72,13 @@ def build_pooling_head(cfg: Config) -> AttentionPooling | None:
     enc = cfg.model.encoder
     if not enc.init_from:
         return None
-    has_head, weights = _pretrained_encoder(enc)
+    has_head, weights = _pretrained_encoder(enc, POOLING)
     if not has_head:
         return None
     head = AttentionPooling(enc.hidden_size, enc.num_attention_heads, enc.ffn_hidden_size, enc.layernorm_epsilon,
                             params_dtype(cfg.model.params_dtype))
     try:
-        head.load_state_dict({k[len(POOLING):]: v for k, v in weights.items() if k.startswith(POOLING)})
+        head.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{enc.init_from}/{WEIGHTS_FILE}: {str(e).splitlines()[-1].strip()}") from None
     head.requires_grad_(False)

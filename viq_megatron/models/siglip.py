@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from viq_megatron.config import EncoderConfig
@@ -198,12 +199,16 @@ def write_encoder_checkpoint(out: str | Path, cfg: EncoderConfig, weights: dict[
     (out / CONFIG_FILE).write_text(json.dumps({**fields, "pooling_head": has_head}, indent=2))
 
 
-def read_encoder_checkpoint(directory: str | Path) -> tuple[EncoderConfig, bool, dict[str, torch.Tensor]]:
-    """(encoder config, whether it has a pooling head, weights) of a converted directory."""
+def read_encoder_checkpoint(directory: str | Path, prefix: str = ""
+                            ) -> tuple[EncoderConfig, bool, dict[str, torch.Tensor]]:
+    """(encoder config, whether it has a pooling head, the weights under `prefix`, prefix removed)
+    of a converted directory; only those tensors are read from disk."""
     directory = Path(directory)
     for file in (directory / CONFIG_FILE, directory / WEIGHTS_FILE):
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (convert with tools/convert_vision_checkpoint.py)")
     raw = json.loads((directory / CONFIG_FILE).read_text())
     has_head = bool(raw.pop("pooling_head", False))
-    return EncoderConfig(**raw), has_head, load_file(str(directory / WEIGHTS_FILE))
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+        state = {k[len(prefix):]: weights.get_tensor(k) for k in weights.keys() if k.startswith(prefix)}
+    return EncoderConfig(**raw), has_head, state

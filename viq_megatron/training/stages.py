@@ -123,7 +123,8 @@ def build_stage1(cfg: Config) -> Stage:
     encoder, _ = build_encoder(cfg)
     projector = Projector(cfg.model.encoder.hidden_size, llm[0].config.hidden_size,
                           params_dtype(cfg.model.params_dtype))
-    teacher, _ = build_encoder(cfg)  # megatron modules hold process groups: no deepcopy
+    # Megatron modules hold process groups: no deepcopy. Its weights are the encoder's (below).
+    teacher, _ = build_encoder(cfg, pretrained=False)
     visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device), teacher,
                                 build_pooling_head(cfg))
 
