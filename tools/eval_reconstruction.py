@@ -1,10 +1,13 @@
 """Reconstruction quality of a ViQTokenizer: PSNR / SSIM at native resolution, PNG grids.
 
-    python tools/eval_reconstruction.py --tokenizer TOKENIZER_DIR [--images PATH ...] --out recon/
+    python tools/eval_reconstruction.py --tokenizer TOKENIZER_DIR [--images PATH ...] [--max-pixels N] --out recon/
 
-Default images: the photos shipped inside scikit-image / scikit-learn / matplotlib. Each
-image is compared at its native-resolution size (the tokenizer's resize), and
-`recon/grid.png` shows originals beside their reconstructions.
+Default images: the photos shipped inside scikit-image / scikit-learn / matplotlib; the last
+few of them (viq_megatron.data.embedded.VALIDATION_PHOTOS) are held out of every training
+stage, and their mean is reported on its own. Each image is compared at its native-resolution
+size: the tokenizer's resize, or with `--max-pixels` a budget of that many pixels (e.g. 65536,
+256x256, the resolution of the paper's ImageNet numbers). `recon/grid.png` shows originals
+beside their reconstructions.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ import viq_megatron  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
+    import dataclasses
+
     import numpy as np
     import torch
     from PIL import Image
 
-    from viq_megatron.data.embedded import shipped_photos
+    from viq_megatron.data.embedded import VALIDATION_PHOTOS, shipped_photos
     from viq_megatron.data.images import find_images, native_size, open_rgb
     from viq_megatron.models.pixel_decoder import psnr, ssim
     from viq_megatron.tokenizer import ViQTokenizer
@@ -31,10 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, type=Path)
     parser.add_argument("--images", nargs="*")
+    parser.add_argument("--max-pixels", type=int, help="pixel budget of the native-resolution size "
+                        "(default: the tokenizer's data.image.max_pixels)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     tok = ViQTokenizer.load(args.tokenizer)
+    if args.max_pixels:
+        image = tok.cfg.data.image
+        tok.cfg.data.image = dataclasses.replace(image, max_pixels=args.max_pixels,
+                                                 max_source_pixels=max(image.max_source_pixels, args.max_pixels))
     paths = find_images(args.images) if args.images else shipped_photos()
+    held_out = set() if args.images else {p.name for p in paths[-VALIDATION_PHOTOS:]}
     rules, patch = tok.cfg.data.image, tok.cfg.model.encoder.patch_size
     encoded = tok.encode(paths)
     decoded = tok.decode([e.codes for e in encoded])
@@ -47,13 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         a = torch.from_numpy(np.asarray(original, dtype=np.float32) / 255).permute(2, 0, 1)
         b = torch.from_numpy(np.asarray(recon, dtype=np.float32) / 255).permute(2, 0, 1)
         rows.append({"image": Path(path).name, "size": list(enc.size), "codes": int(enc.codes.numel()),
-                     "psnr": round(psnr(b, a).item(), 3), "ssim": round(ssim(b, a).item(), 4)})
+                     "psnr": round(psnr(b, a).item(), 3), "ssim": round(ssim(b, a).item(), 4),
+                     "held_out": Path(path).name in held_out})
         pairs.append((original, recon))
         print(f"{rows[-1]['image']:28s} {enc.size[0]:4d}x{enc.size[1]:<4d} PSNR {rows[-1]['psnr']:6.2f} dB "
-              f"SSIM {rows[-1]['ssim']:.3f}")
-    mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in ("psnr", "ssim")}
-    print(f"mean over {len(rows)} images: PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}")
-    (args.out / "reconstruction.json").write_text(json.dumps({"images": rows, "mean": mean}, indent=2))
+              f"SSIM {rows[-1]['ssim']:.3f}{'  (held out)' if rows[-1]['held_out'] else ''}")
+    summary = {}
+    for name, chosen in (("mean", rows), ("held_out_mean", [r for r in rows if r["held_out"]])):
+        if chosen:
+            summary[name] = {k: round(sum(r[k] for r in chosen) / len(chosen), 4) for k in ("psnr", "ssim")}
+            print(f"{name.replace('_', ' ')} over {len(chosen)} images: PSNR {summary[name]['psnr']:.2f} dB, "
+                  f"SSIM {summary[name]['ssim']:.3f}")
+    (args.out / "reconstruction.json").write_text(json.dumps({"images": rows, **summary}, indent=2))
     height = 160  # thumbnails, original | reconstruction per row
     thumbs = [(o.resize((max(1, o.width * height // o.height), height)),
                r.resize((max(1, r.width * height // r.height), height))) for o, r in pairs]

@@ -105,12 +105,81 @@ def write_shard(prefix: Path, items: list, tok, text_tok) -> dict:
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def codebook_counts(prefix: Path, codebook_size: int):
+    """How often each code occurs in a token dataset."""
+    import torch
+
+    from viq_megatron.data.token_dataset import CODES, TokenDataset
+
+    data, counts = TokenDataset(prefix), torch.zeros(codebook_size, dtype=torch.int64)
+    for index in range(len(data)):
+        for mode, values in data[index].segments:
+            if mode == CODES:
+                counts += torch.bincount(torch.from_numpy(values).long(), minlength=codebook_size)
+    return counts
+
+
+def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> int:
+    """Writes OUT.bin/.idx (+ OUT.report.jsonl, and OUT.codebook.json: usage, perplexity and level
+    histograms of the codes written) from samples (or SampleErrors); each process of the running
+    job takes every W-th shard, rank 0 merges. Collective. Returns the exit status (0, or
+    EXIT_SKIPPED where some inputs were skipped) on rank 0, 0 elsewhere."""
+    from viq_megatron.training.codebook import codebook_summary
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from viq_megatron.config import ParallelConfig
     from viq_megatron.data.token_dataset import TokenDatasetWriter
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    shards_dir = Path(f"{out}.shards")
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = max(1, -(-len(items) // shard_size))
+    mine = [k for k in range(num_shards) if k % world_size == rank]
+    todo = [k for k in mine if not (shards_dir / f"shard_{k:06d}.json").is_file()]
+    start, images_done = time.perf_counter(), 0
+    for k in tqdm(todo, desc="shards", disable=rank != 0, unit="shard"):
+        stats = write_shard(shards_dir / f"shard_{k:06d}", items[k * shard_size:(k + 1) * shard_size], tok, text_tok)
+        images_done += stats["images"]
+        marker = shards_dir / f"shard_{k:06d}.json"
+        marker.with_suffix(".tmp").write_text(json.dumps(stats))
+        os.replace(marker.with_suffix(".tmp"), marker)  # written last: the shard is complete
+    seconds = time.perf_counter() - start
+    if world_size > 1:
+        dist.barrier()
+    status = 0
+    if rank == 0:
+        writer = TokenDatasetWriter(out)
+        totals = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0}
+        skipped = []
+        for k in range(num_shards):
+            writer.append_dataset(shards_dir / f"shard_{k:06d}")
+            stats = json.loads((shards_dir / f"shard_{k:06d}.json").read_text())
+            totals = {key: totals[key] + stats[key] for key in totals}
+            skipped += stats["skipped"]
+        writer.finalize()
+        Path(f"{out}.report.jsonl").write_text(
+            "".join(json.dumps({"input": line.split(": ", 1)[0], "reason": line.split(": ", 1)[-1]}) + "\n"
+                    for line in skipped))
+        written = sum(Path(f"{out}{suffix}").stat().st_size for suffix in (".bin", ".idx"))
+        print(f"{totals['samples']} samples, {totals['images']} images, {totals['codes']} codes; "
+              f"{len(skipped)} inputs skipped (see {out}.report.jsonl)")
+        print(f"{written:,} bytes written for {totals['source_bytes']:,} bytes of source images "
+              f"({written / max(totals['source_bytes'], 1):.2%}); "
+              f"{images_done / max(seconds, 1e-9):.1f} images/s on rank 0 this run")
+        fsq = tok.visual.head.quantizer.fsq
+        codebook = codebook_summary(codebook_counts(out, fsq.codebook_size), fsq)
+        Path(f"{out}.codebook.json").write_text(json.dumps(codebook))
+        if codebook:
+            print(f"codebook: {codebook['codebook_usage']:.1%} of the {fsq.codebook_size} codes used, perplexity "
+                  f"{codebook['codebook_perplexity']:.0f} over {codebook['codes_seen']} codes (see {out}.codebook.json)")
+        status = EXIT_SKIPPED if skipped else 0
+    if world_size > 1:
+        dist.barrier()  # the merged files exist before any rank reads them
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    from viq_megatron.config import ParallelConfig
     from viq_megatron.runtime.distributed import initialize, shutdown
     from viq_megatron.tokenizer import TokenizerError, ViQTokenizer
 
@@ -127,50 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.input.exists():
         parser.exit(2, f"error: {args.input}: no such file or directory\n")
 
-    env = initialize(ParallelConfig(), seed=0)
+    initialize(ParallelConfig(), seed=0)
     try:
         tok = ViQTokenizer.load(args.tokenizer)
         text_tok = load_text_tokenizer(args.text_tokenizer)
     except (TokenizerError, OSError, ValueError) as e:
         parser.exit(2, f"error: {str(e).splitlines()[0]}\n")
     items = read_inputs(args.input, args.root, args.allow_outside_root)
-    shards_dir = Path(f"{args.out}.shards")
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    num_shards = max(1, -(-len(items) // args.shard_size))
-    mine = [k for k in range(num_shards) if k % env.world_size == env.rank]
-    todo = [k for k in mine if not (shards_dir / f"shard_{k:06d}.json").is_file()]
-    start, images_done = time.perf_counter(), 0
-    for k in tqdm(todo, desc="shards", disable=env.rank != 0, unit="shard"):
-        stats = write_shard(shards_dir / f"shard_{k:06d}", items[k * args.shard_size:(k + 1) * args.shard_size],
-                            tok, text_tok)
-        images_done += stats["images"]
-        marker = shards_dir / f"shard_{k:06d}.json"
-        marker.with_suffix(".tmp").write_text(json.dumps(stats))
-        os.replace(marker.with_suffix(".tmp"), marker)  # written last: the shard is complete
-    seconds = time.perf_counter() - start
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    status = 0
-    if env.rank == 0:
-        writer = TokenDatasetWriter(args.out)
-        totals = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0}
-        skipped = []
-        for k in range(num_shards):
-            writer.append_dataset(shards_dir / f"shard_{k:06d}")
-            stats = json.loads((shards_dir / f"shard_{k:06d}.json").read_text())
-            totals = {key: totals[key] + stats[key] for key in totals}
-            skipped += stats["skipped"]
-        writer.finalize()
-        Path(f"{args.out}.report.jsonl").write_text(
-            "".join(json.dumps({"input": line.split(": ", 1)[0], "reason": line.split(": ", 1)[-1]}) + "\n"
-                    for line in skipped))
-        written = sum(Path(f"{args.out}{suffix}").stat().st_size for suffix in (".bin", ".idx"))
-        print(f"{totals['samples']} samples, {totals['images']} images, {totals['codes']} codes; "
-              f"{len(skipped)} inputs skipped (see {args.out}.report.jsonl)")
-        print(f"{written:,} bytes written for {totals['source_bytes']:,} bytes of source images "
-              f"({written / max(totals['source_bytes'], 1):.2%}); "
-              f"{images_done / max(seconds, 1e-9):.1f} images/s on rank 0 this run")
-        status = EXIT_SKIPPED if skipped else 0
+    status = preprocess(items, tok, text_tok, args.out, args.shard_size)
     shutdown()
     return status
 

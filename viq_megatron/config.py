@@ -81,6 +81,9 @@ class TokenizerConfig:
     # sentencepiece: trained on the training texts at start-up (tiny test LLMs).
     kind: Literal["checkpoint", "sentencepiece"] = "checkpoint"
     sentencepiece_vocab_size: int = 512
+    # sentencepiece: an existing model file (runs that must share one tokenizer, e.g. a token-file
+    # dataset and its image-file twin); empty: trained on the training texts at start-up.
+    sentencepiece_model: str = ""
 
 
 @dataclass
@@ -150,6 +153,10 @@ class ModelConfig:
     llm: Optional[LLMConfig] = None
     # Discrete training: a ViQTokenizer directory whose head + projector embed the offline codes.
     viq_tokenizer: str = ""
+    # load: the projector comes with the visual weights (train.init_from, or the ViQ tokenizer's for
+    # discrete training); new: a freshly initialised one, for an LLM other than the one those
+    # weights were trained with (another width, or trained from scratch).
+    projector: Literal["load", "new"] = "load"
     # auto: Transformer Engine layers when TE imports (CUDA), Megatron-Core local layers otherwise.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # auto: bfloat16 on CUDA, float32 on CPU.
@@ -188,6 +195,32 @@ class EmbeddedDataConfig:
 
     train_scenes: int = 512
     val_scenes: int = 64
+    # Each shipped training photo is listed this many times (with data.augment, each time another view).
+    photo_repeats: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.train_scenes >= 0 and self.val_scenes >= 0, "train_scenes", "scene counts must be >= 0")
+        _require(self.photo_repeats >= 1, "photo_repeats", "must be >= 1")
+
+
+@dataclass
+class AugmentConfig:
+    """Random views of the training images, for pixel losses (the decoder stage): a view never
+    changes an image's patch grid, and is the same for the same (seed, row). Not for captioning
+    data: a mirrored image contradicts a caption that says left or right."""
+
+    # A random crop covering this share of the image's area (aspect ratio kept), drawn back at
+    # the image's size: [1, 1] is no crop.
+    crop_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    flip: bool = False  # mirror left-right, half of the time
+
+    def __post_init__(self) -> None:
+        _require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
+                 f"{self.crop_scale} is not [low, high] with 0 < low <= high <= 1")
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.crop_scale != [1.0, 1.0]
 
 
 @dataclass
@@ -204,6 +237,7 @@ class DataConfig:
     root: str = ""
     allow_outside_root: bool = False
     embedded: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training images only
     # LLM tokens per packed training sequence.
     seq_length: int = 1024
     # Square side of the frozen teacher's fixed-resolution input (self-distillation).
@@ -260,6 +294,10 @@ class TrainConfig:
     distill_loss: Literal["cosine", "mse"] = "cosine"
     # Stage 2: MSE of the head's output against the encoder's tokens (0 = off).
     reconstruct_weight: float = 0.0
+    # Stage 2: weight of the pixel decoder's drawing of the quantized features (model.decoder; L1
+    # and SSIM weighted as the decoder stage weighs them). The decoder trains with the head, so
+    # the codes keep the picture, not only what the caption loss asks of them (0 = off).
+    pixel_weight: float = 0.0
     # Stage 2: log codebook usage, perplexity and level histograms every N steps.
     codebook_every: int = 10
     log_every: int = 1
@@ -303,6 +341,8 @@ class Config:
                  f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})")
         _require(self.model.llm is None or self.model.llm.lora.rank == 0 or self.parallel.tensor_model_parallel_size == 1,
                  "model.llm.lora.rank", "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1")
+        _require(self.train.pixel_weight == 0 or (self.train.stage == "stage2" and self.model.decoder is not None),
+                 "train.pixel_weight", "draws the stage-2 head's codes: needs train.stage stage2 and model.decoder")
         _require(self.train.stage != "decoder" or self.parallel.pipeline_model_parallel_size == 1,
                  "parallel.pipeline_model_parallel_size", "the decoder stage has no LLM to split into stages")
         _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,

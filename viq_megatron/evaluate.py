@@ -6,8 +6,10 @@
 
 Questions: the training format (a JSON list or JSONL of {"id", "image", "conversations"}),
 where the last human turn is the question and a gpt turn after it, if any, the reference
-answer; or LLaVA's evaluation format {"question_id", "image", "text"}. A question is laid
-out exactly as a training sample is, up to where its answer starts. `--batch-size`
+answer; or LLaVA's evaluation format {"question_id", "image", "text"}; or, for a discrete
+model, offline token files (tools/preprocess_images.py): each sample's first answer is the
+reference, its images are read as the ViQ codes stored there. A question is laid out exactly
+as a training sample is, up to where its answer starts. `--batch-size`
 questions are packed into one sequence (cu_seqlens keep them apart) and decoded greedily
 until EOS or `--max-new-tokens`; each new token reruns the whole LLM forward pass (no KV
 cache: simple, and cheap at answer lengths), the visual input runs once per batch.
@@ -20,9 +22,8 @@ logits, and rank 0 writes the file. Pipeline parallelism is not supported here.
 
 The model is the config's stage with the run's checkpoint loaded over it: stage1 and
 continuous: encoder + projector; stage2: encoder + ViQ head + projector; discrete: the
-ViQ tokenizer of model.viq_tokenizer encodes the images online (encoder + head) and the
-run's head + projector embed its codes, which is what the offline codes fed the LLM in
-training. A frozen pretrained LLM that the checkpoint leaves out comes from
+run's head + projector embed offline codes, or, for questions with images, the ViQ tokenizer
+of model.viq_tokenizer encodes them online first (the same codes, bit for bit). A frozen pretrained LLM that the checkpoint leaves out comes from
 model.llm.checkpoint.
 """
 from __future__ import annotations
@@ -57,9 +58,19 @@ ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete")
 class Question:
     index: int  # position in the question file
     id: object  # the sample's id / question_id, else its index
-    sample: Sample  # the turns up to and including the question
+    sample: Sample | None  # the turns up to and including the question (None: an offline `prompt`)
     question: str
     reference: str | None
+    prompt: EncodedSample | None = None  # offline samples: laid out already, images as ViQ codes
+
+    def layout(self, tokenizer: TextTokenizer, rules: ImageConfig, patch: int) -> EncodedSample:
+        """The prompt: the sample laid out as training lays it out, up to where the answer starts."""
+        if self.prompt is not None:
+            return self.prompt
+        try:
+            return encode_sample(self.sample, tokenizer, rules, patch, None, generation_prompt=True)
+        except ImageError as e:
+            raise ImageError(f"{self.sample.source}: {e}") from None
 
 
 def read_questions(path: str | Path, root: str | None = None, allow_outside_root: bool = False) -> list[Question]:
@@ -82,6 +93,36 @@ def read_questions(path: str | Path, root: str | None = None, allow_outside_root
     return questions
 
 
+def read_offline_questions(prefix: str | Path, tokenizer: TextTokenizer) -> list[Question]:
+    """The first question of each sample of an offline token dataset (tools/preprocess_images.py):
+    its tokens up to the first answer, its images as ViQ codes; the reference is that answer."""
+    from viq_megatron.data.multimodal import offline_sample
+    from viq_megatron.data.token_dataset import TokenDataset
+
+    data, stop, questions = TokenDataset(prefix), stop_ids(tokenizer), []
+    for index in range(len(data)):
+        sample = offline_sample(data[index], f"{prefix}:{index}")
+        if True not in sample.loss_flags:
+            raise SampleError(f"{prefix}: sample {index}: no answer to ask for")
+        start = end = sample.loss_flags.index(True)
+        while end < len(sample) and sample.loss_flags[end]:
+            end += 1
+        slots = [p for p in sample.visual_slots if p < start]
+        images, patches = 0, 0  # the images laid out before the answer
+        while images < len(sample.codes) and patches + len(sample.codes[images]) <= len(slots):
+            patches += len(sample.codes[images])
+            images += 1
+        prompt = EncodedSample(sample.source, sample.token_ids[:start], sample.loss_flags[:start], slots, [], [],
+                               sample.codes[:images])
+        question = sample.token_ids[slots[-1] + 1 if slots else 0:start]
+        reference = [t for t in sample.token_ids[start:end] if t not in stop]
+        questions.append(Question(index, index, None, tokenizer.decode(question).strip(),
+                                  tokenizer.decode(reference).strip(), prompt))
+    if not questions:
+        raise SampleError(f"{prefix}: no questions")
+    return questions
+
+
 def stop_ids(tokenizer: TextTokenizer) -> set[int]:
     """Token ids that end an answer: EOS, and the special tokens that close an assistant turn in
     the chat template (e.g. Qwen2.5's <|im_end|>, where EOS is <|endoftext|>)."""
@@ -99,11 +140,14 @@ def normalize(answer: str) -> str:
 
 def load_text_tokenizer(cfg: Config, checkpoint: Path, path: str | None = None) -> TextTokenizer:
     """The tokenizer the run trained with: `path` (a SentencePiece .model or an HF tokenizer
-    folder) when given, else the LLM checkpoint's own, else the run's trained SentencePiece model."""
+    folder) when given, else the LLM checkpoint's own, else the configured SentencePiece model,
+    else the one the run trained."""
     if path:
         return SentencePieceTokenizer(path) if str(path).endswith(".model") else HFTokenizer(path)
     if cfg.model.llm.tokenizer.kind == "checkpoint":
         return HFTokenizer(Path(cfg.model.llm.checkpoint) / "tokenizer")
+    if cfg.model.llm.tokenizer.sentencepiece_model:
+        return SentencePieceTokenizer(cfg.model.llm.tokenizer.sentencepiece_model)
     for folder in (checkpoint, *checkpoint.parents[:3]):  # a run dir, its checkpoints/ or one step
         if (folder / "tokenizer.model").is_file():
             return SentencePieceTokenizer(folder / "tokenizer.model")
@@ -111,11 +155,13 @@ def load_text_tokenizer(cfg: Config, checkpoint: Path, path: str | None = None) 
                             "trained with); pass --text-tokenizer")
 
 
-def load_model(cfg: Config, checkpoint: str | Path):
+def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
     """(VisionLanguageModel in eval mode, the config of its visual input): the config's stage
     with the checkpoint's weights. The visual config is `cfg`, or for the discrete stage the ViQ
-    tokenizer's (its encoder, head and image rules). Collective (every rank calls it). A tensor
-    the model needs that neither the checkpoint nor a pretrained source provides is a one-line error."""
+    tokenizer's (its encoder, head and image rules): with `online` the discrete model reads images
+    through the tokenizer, else offline codes as in training. Collective (every rank calls it). A
+    tensor the model needs that neither the checkpoint nor a pretrained source provides is a
+    one-line error."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
@@ -139,7 +185,9 @@ def load_model(cfg: Config, checkpoint: str | Path):
         pretrained.add("llm.")
     if cfg.train.stage == "stage1":
         pretrained.update(("visual.teacher.", "visual.pooling."))  # training only
-    if cfg.train.stage == "discrete":
+    if not online and cfg.train.stage != "discrete":
+        raise ConfigError(f"train.stage: offline ViQ codes are read by a discrete-stage model, not {cfg.train.stage}")
+    if cfg.train.stage == "discrete" and online:
         visual_cfg = _online_tokenizer(cfg, model)
         pretrained.add("visual.")
     available = dist_checkpointing.load_tensors_metadata(str(step))
@@ -156,18 +204,20 @@ def load_model(cfg: Config, checkpoint: str | Path):
 
 
 def _online_tokenizer(cfg: Config, model) -> Config:
-    """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head + projector
-    (its weights; the run's checkpoint then overrides the head and projector it trained).
+    """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head (its weights;
+    the run's checkpoint then overrides the head and holds the projector it trained).
     Returns `cfg` with the tokenizer's encoder, head and image rules (the codes were made with them)."""
     from viq_megatron.models.sharding import load_full_state_dict
     from viq_megatron.tokenizer import read_tokenizer_files
     from viq_megatron.training.stages import build_visual_tokenizer
 
-    saved, hidden, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
+    saved, _, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
     tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head),
                             data=replace(cfg.data, image=saved.data.image))
-    model.visual = build_visual_tokenizer(tokenizer_cfg, hidden)
-    load_full_state_dict(model.visual, {k[len("visual."):]: v for k, v in weights.items() if k.startswith("visual.")})
+    model.visual = build_visual_tokenizer(tokenizer_cfg, model.llm.config.hidden_size)
+    for name, module in (("encoder", model.visual.encoder), ("head", model.visual.head)):  # the run has the projector
+        prefix = f"visual.{name}."
+        load_full_state_dict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     return tokenizer_cfg
 
 
@@ -231,17 +281,29 @@ def answer_questions(model, questions: list[Question], tokenizer: TextTokenizer,
     with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
             chunk = questions[start:start + batch_size]
-            prompts = []
-            for q in chunk:
-                try:
-                    prompts.append(encode_sample(q.sample, tokenizer, rules, patch, None, generation_prompt=True))
-                except ImageError as e:
-                    raise ImageError(f"{q.sample.source}: {e}") from None
+            prompts = [q.layout(tokenizer, rules, patch) for q in chunk]
             for q, ids in zip(chunk, generate(model, prompts, stop, max_new_tokens, tokenizer.vocab_size)):
                 results.append({"index": q.index, "id": q.id, "question": q.question,
                                 "answer": tokenizer.decode(ids).strip(), "reference": q.reference})
             bar.update(len(chunk))
     return results
+
+
+def answer_data_parallel(model, questions: list[Question], tokenizer: TextTokenizer, visual_cfg: Config,
+                         batch_size: int, max_new_tokens: int) -> list[dict]:
+    """answer_questions with the questions split over the data-parallel ranks; every result, in
+    question order, on rank 0 (an empty list elsewhere). Collective."""
+    from megatron.core import parallel_state
+
+    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    mine = answer_questions(model, questions[rank::size], tokenizer, visual_cfg.data.image,
+                            visual_cfg.model.encoder.patch_size, batch_size, max_new_tokens,
+                            progress=is_main_process())
+    gathered = [None] * dist.get_world_size() if is_main_process() else None
+    dist.gather_object(mine, gathered, dst=0)  # tensor-parallel peers send the same answers
+    if not is_main_process():
+        return []
+    return sorted({r["index"]: r for part in gathered for r in part}.values(), key=lambda r: r["index"])
 
 
 def accuracy(results: list[dict]) -> tuple[int, int]:
@@ -253,21 +315,15 @@ def accuracy(results: list[dict]) -> tuple[int, int]:
 def run(cfg: Config, checkpoint: Path, questions: list[Question], out: Path, batch_size: int = 8,
         max_new_tokens: int = 32, text_tokenizer: str | None = None) -> list[dict]:
     """Answers this data-parallel rank's share, gathers every answer on rank 0, which writes
-    `out`. Collective; needs the distributed runtime (initialize). Returns all results on rank 0."""
-    from megatron.core import parallel_state
-
+    `out`. Offline questions (read_offline_questions) are answered from their ViQ codes by the
+    discrete model, others from their images. Collective; needs the distributed runtime
+    (initialize). Returns all results on rank 0."""
     tokenizer = load_text_tokenizer(cfg, Path(checkpoint), text_tokenizer)
-    model, visual_cfg = load_model(cfg, checkpoint)
-    rules, patch = visual_cfg.data.image, visual_cfg.model.encoder.patch_size
-    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    model, visual_cfg = load_model(cfg, checkpoint, online=all(q.prompt is None for q in questions))
     start = time.perf_counter()
-    mine = answer_questions(model, questions[rank::size], tokenizer, rules, patch, batch_size, max_new_tokens,
-                            progress=is_main_process())
-    gathered = [None] * dist.get_world_size() if is_main_process() else None
-    dist.gather_object(mine, gathered, dst=0)  # tensor-parallel peers send the same answers
+    results = answer_data_parallel(model, questions, tokenizer, visual_cfg, batch_size, max_new_tokens)
     if not is_main_process():
         return []
-    results = sorted({r["index"]: r for part in gathered for r in part}.values(), key=lambda r: r["index"])
     lines = [{k: v for k, v in r.items() if k != "index" and not (k == "reference" and v is None)} for r in results]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +340,9 @@ def run(cfg: Config, checkpoint: Path, questions: list[Question], out: Path, bat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run's output_dir, or one of its checkpoints")
-    parser.add_argument("--questions", required=True, type=Path, help="LLaVA-style JSON/JSONL question file")
+    parser.add_argument("--questions", required=True, type=Path,
+                        help="LLaVA-style JSON/JSONL question file, or the prefix of offline token files "
+                             "(tools/preprocess_images.py) for a discrete model")
     parser.add_argument("--out", required=True, type=Path, help="answers, one JSON line per question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="questions decoded together in one packed sequence")
@@ -293,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         parser.exit(2, "error: --batch-size and --max-new-tokens must be >= 1\n")
     try:  # the question file is checked before any model is built
-        questions = read_questions(args.questions, cfg.data.root, cfg.data.allow_outside_root)
-    except SampleError as e:
+        if Path(f"{args.questions}.idx").is_file():
+            text = load_text_tokenizer(cfg, args.checkpoint, args.text_tokenizer)
+            questions = read_offline_questions(args.questions, text)
+        else:
+            questions = read_questions(args.questions, cfg.data.root, cfg.data.allow_outside_root)
+    except (SampleError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     setup_logging(initialize(cfg.parallel, cfg.seed).rank)
     from viq_megatron.models.hf_llm import CheckpointError

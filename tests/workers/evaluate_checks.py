@@ -66,13 +66,14 @@ def command_line(work: Path) -> list[str]:
 
 
 def train(work: Path) -> dict:
+    from viq_megatron.config import EmbeddedDataConfig
     from viq_megatron.data.embedded import write_embedded_dataset
     from viq_megatron.data.scenes import scene_split
     from viq_megatron.training.trainer import Trainer
 
     timings = {}
     start = time.perf_counter()
-    write_embedded_dataset(work / "data", TRAIN_SCENES, VAL_SCENES, SEED)
+    write_embedded_dataset(work / "data", EmbeddedDataConfig(TRAIN_SCENES, VAL_SCENES), SEED)
     train_ids, val_ids = scene_split(TRAIN_SCENES, VAL_SCENES, SEED)
     write_questions(work / "data", train_ids, "qa_train", together=True)
     write_questions(work / "data", train_ids, "qa_train_questions", together=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from viq_megatron.config import EmbeddedDataConfig
+
 # (package, path inside the package) -> a short caption, written by hand.
 SHIPPED_PHOTOS: dict[tuple[str, str], str] = {
     ("skimage", "data/astronaut.png"): "Astronaut Eileen Collins in a white flight suit, with a US flag behind her.",
@@ -57,12 +59,12 @@ def _conversation(image: str, prompt: str, answer: str, qa: tuple = ()) -> dict:
     return {"image": image, "conversations": turns}
 
 
-def write_embedded_dataset(out_dir: str | Path, train_scenes: int, val_scenes: int, seed: int) -> tuple[Path, Path]:
+def write_embedded_dataset(out_dir: str | Path, sizes: EmbeddedDataConfig, seed: int) -> tuple[Path, Path]:
     """Writes train.jsonl / val.jsonl and their images (rendered scenes + shipped photos).
 
-    Training samples carry the caption and the scene's question/answer pairs; validation
-    samples carry the caption alone, so validation loss is a caption loss. Deterministic;
-    a complete earlier write is reused.
+    Training samples carry the caption and the scene's question/answer pairs (each training
+    photo `sizes.photo_repeats` times); validation samples carry the caption alone, so
+    validation loss is a caption loss. Deterministic; a complete earlier write is reused.
     """
     import json
     import os
@@ -73,11 +75,11 @@ def write_embedded_dataset(out_dir: str | Path, train_scenes: int, val_scenes: i
     out = Path(out_dir)
     train_file, val_file = out / "train.jsonl", out / "val.jsonl"
     stamp = out / "COMPLETE"
-    wanted = f"{train_scenes} {val_scenes} {seed}"
+    wanted = f"{sizes.train_scenes} {sizes.val_scenes} {seed} {sizes.photo_repeats}"
     if stamp.is_file() and stamp.read_text() == wanted:
         return train_file, val_file
     (out / "images").mkdir(parents=True, exist_ok=True)
-    train_ids, val_ids = scene_split(train_scenes, val_scenes, seed)
+    train_ids, val_ids = scene_split(sizes.train_scenes, sizes.val_scenes, seed)
     splits: dict[str, list[dict]] = {"train": [], "val": []}
     for split, ids in (("train", train_ids), ("val", val_ids)):
         for index in ids:
@@ -92,7 +94,8 @@ def write_embedded_dataset(out_dir: str | Path, train_scenes: int, val_scenes: i
         name = f"images/{photo.name}"
         shutil.copyfile(photo, out / name)
         split = "val" if k >= len(photos) - VALIDATION_PHOTOS else "train"
-        splits[split].append(_conversation(name, CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[photo.name]))
+        repeats = sizes.photo_repeats if split == "train" else 1
+        splits[split] += [_conversation(name, CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[photo.name])] * repeats
     for file, split in ((train_file, "train"), (val_file, "val")):
         tmp = file.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(s) + "\n" for s in splits[split]))

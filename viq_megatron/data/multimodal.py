@@ -13,14 +13,16 @@ reads exactly the rows an uninterrupted run would have read.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from viq_megatron.config import ImageConfig
+from viq_megatron.config import AugmentConfig, ImageConfig
 from viq_megatron.data.conversations import Sample
 from viq_megatron.data.images import ImageError, NativeImage, native_patch_count, open_rgb, to_native, to_square
 from viq_megatron.data.packing import PackedImages, greedy_pack
@@ -47,12 +49,29 @@ class EncodedSample:
         return len(self.token_ids)
 
 
+def augmented(image: Image.Image, augment: AugmentConfig, rng: random.Random) -> Image.Image:
+    """A random view of the image at its own size (so its patch grid does not change): a crop of
+    `augment.crop_scale` of its area with the same aspect ratio, mirrored half of the time."""
+    scale = math.sqrt(rng.uniform(*augment.crop_scale))
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+    view = image.crop((left, top, left + width, top + height))
+    if view.size != image.size:
+        view = view.resize(image.size, Image.Resampling.BICUBIC)
+    mirror = augment.flip and rng.random() < 0.5
+    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else view
+
+
 def encode_sample(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                  teacher_side: int | None, generation_prompt: bool = False) -> EncodedSample:
+                  teacher_side: int | None, generation_prompt: bool = False,
+                  augment: tuple[AugmentConfig, random.Random] | None = None) -> EncodedSample:
     """Decodes the sample's images and lays out its tokens; raises ImageError for a bad image.
     `teacher_side`: also the fixed-resolution square view (stage 1's teacher), else None.
-    `generation_prompt`: lay out the conversation only up to where the next answer starts."""
+    `generation_prompt`: lay out the conversation only up to where the next answer starts.
+    `augment`: (what, random source): random views of the images (the patch grids stay)."""
     decoded = [open_rgb(path, rules) for path in sample.images]
+    if augment is not None:
+        decoded = [augmented(image, *augment) for image in decoded]
     images = [to_native(im, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
     teacher = [] if teacher_side is None else [
         to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
@@ -170,8 +189,10 @@ class PackedConversationDataset(PackedRows):
     """
 
     def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                 seq_length: int, teacher_side: int | None, seed: int, shuffle: bool = True):
+                 seq_length: int, teacher_side: int | None, seed: int, shuffle: bool = True,
+                 augment: AugmentConfig | None = None):
         self.tokenizer, self.rules, self.patch, self.teacher_side = tokenizer, rules, patch, teacher_side
+        self.augment = augment if augment is not None and augment.active else None
         self.skipped: list[str] = []
         self.samples: list[Sample] = []
         lengths = []
@@ -196,10 +217,12 @@ class PackedConversationDataset(PackedRows):
 
     def __getitem__(self, row: int) -> PackedBatch:
         encoded = []
-        for i in self.row_indices(row):
+        for k, i in enumerate(self.row_indices(row)):
+            # A view depends on (seed, row, place in the row) only: a resumed run sees the same pixels.
+            augment = None if self.augment is None else (self.augment, random.Random(f"{self.seed}-{row}-{k}"))
             try:
                 encoded.append(encode_sample(self.samples[i], self.tokenizer, self.rules, self.patch,
-                                             self.teacher_side))
+                                             self.teacher_side, augment=augment))
             except ImageError as e:
                 self._skip(f"{self.samples[i].source}: {e}")
         if not encoded:
@@ -216,7 +239,6 @@ class PackedTokenDataset(PackedRows):
 
         self.data = TokenDataset(prefix)
         self.skipped: list[str] = []
-        self._grid_mode, self._codes_mode = GRID, CODES
         # Lengths from the index alone (no token is read): text tokens + one slot per 4 codes.
         index = self.data.data.index
         sizes, modes = index.sequence_lengths.astype("int64"), index.sequence_modes
@@ -237,24 +259,28 @@ class PackedTokenDataset(PackedRows):
         self.samples = self.indices
         super().__init__(lengths, seq_length, seed, shuffle)
 
-    def _encoded(self, index: int) -> EncodedSample:
-        from viq_megatron.data.token_dataset import ANSWER
-        from viq_megatron.models.pixel_decoder import patch_major
-
-        ids, flags, slots, codes = [], [], [], []
-        grid = None
-        for mode, seq in self.data[index].segments:
-            if mode == self._grid_mode:
-                grid = (int(seq[0]), int(seq[1]))
-                slots.extend(range(len(ids), len(ids) + grid[0] * grid[1]))
-                ids.extend([0] * (grid[0] * grid[1]))
-                flags.extend([False] * (grid[0] * grid[1]))
-            elif mode == self._codes_mode:
-                codes.append(patch_major(torch.from_numpy(seq), *grid))
-            else:
-                ids.extend(int(v) for v in seq)
-                flags.extend([mode == ANSWER] * len(seq))
-        return EncodedSample(f"{index}", ids, flags, slots, [], [], codes)
-
     def __getitem__(self, row: int) -> PackedBatch:
-        return pack_samples([self._encoded(self.indices[i]) for i in self.row_indices(row)])
+        return pack_samples([offline_sample(self.data[self.indices[i]], f"{self.indices[i]}")
+                             for i in self.row_indices(row)])
+
+
+def offline_sample(sample, source: str) -> EncodedSample:
+    """A TokenSample (text tokens, patch grids and ViQ codes) laid out as `encode_sample` lays out
+    its conversation: one slot per patch, codes [patches, 4] per image, loss flags on answers."""
+    from viq_megatron.data.token_dataset import ANSWER, CODES, GRID
+    from viq_megatron.models.pixel_decoder import patch_major
+
+    ids, flags, slots, codes = [], [], [], []
+    grid = None
+    for mode, seq in sample.segments:
+        if mode == GRID:
+            grid = (int(seq[0]), int(seq[1]))
+            slots.extend(range(len(ids), len(ids) + grid[0] * grid[1]))
+            ids.extend([0] * (grid[0] * grid[1]))
+            flags.extend([False] * (grid[0] * grid[1]))
+        elif mode == CODES:
+            codes.append(patch_major(torch.from_numpy(seq), *grid))
+        else:
+            ids.extend(int(v) for v in seq)
+            flags.extend([mode == ANSWER] * len(seq))
+    return EncodedSample(source, ids, flags, slots, [], [], codes)

@@ -43,6 +43,9 @@ SHAPES = ("circle", "square", "rectangle", "triangle", "star")
 WORDS = ("CAT", "DOG", "SUN", "SKY", "TREE", "BOOK", "STOP", "GO", "HELLO", "FISH", "MOON", "BIRD",
          "RAIN", "BOAT", "HOME", "CAKE", "KING", "JAZZ", "MAP", "OK")
 MIN_SIDE, MAX_SIDE = 96, 448
+# An object's side as a share of sqrt(image area): large enough to span a few 16x16 patches once a
+# scene is resized to a CPU run's budget (e.g. 128x128 pixels).
+OBJECT_SIZE = (0.15, 0.3)
 VAL_START = 10**12  # far beyond any train set, so the train split can grow without reaching it
 
 _MIN_OBJECT_CONTRAST = 120.0  # RGB distance an object or text keeps from every background tone
@@ -75,15 +78,30 @@ class SceneText:
 
 
 @dataclass(frozen=True)
+class Question:
+    """A short-answer question about a scene."""
+
+    kind: str  # what it asks about: one of QUESTION_KINDS
+    question: str
+    answer: str
+
+
+# What the questions ask about: colours, shapes, counts, relative positions, text in the image.
+QUESTION_KINDS = ("background", "colour", "shape", "count", "count_colour", "position", "text_presence", "text",
+                  "text_colour")
+
+
+@dataclass(frozen=True)
 class Scene:
     """One rendered scene with its exact text."""
 
     image: Image.Image  # RGB
     caption: str
-    qa: tuple[tuple[str, str], ...]  # (question, answer)
+    qa: tuple[tuple[str, str], ...]  # (question, answer): 2 to 4 of `questions`, for a training conversation
     objects: tuple[SceneObject, ...]
     text: SceneText | None
     background: tuple[str, ...]  # one colour, or two: the top or left tone first
+    questions: tuple[Question, ...]  # every question the scene answers
 
 
 def render_scene(index: int, seed: int = 0) -> Scene:
@@ -111,8 +129,10 @@ def render_scene(index: int, seed: int = 0) -> Scene:
     relations = _clear_relations(groups, width, height)
     relation = rng.choice(relations) if relations else None
     caption = _caption(groups, text, background, relation)
-    qa = _questions(rng, groups, text, background, relations)
-    return Scene(image=image, caption=caption, qa=qa, objects=tuple(objects), text=text, background=background)
+    questions = _questions(rng, groups, text, background, relations)
+    qa = tuple((q.question, q.answer) for q in rng.sample(questions, rng.randint(2, 4)))
+    return Scene(image=image, caption=caption, qa=qa, objects=tuple(objects), text=text, background=background,
+                 questions=questions)
 
 
 def scene_split(num_train: int, num_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -138,11 +158,12 @@ def _pick_background(rng: random.Random) -> tuple[str, ...]:
 
 def _draw_objects(rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int,
                   colours: list[str]) -> list[SceneObject]:
-    """1 to 5 objects in 1 to 3 (colour, shape) groups; an object that finds no free spot is left out."""
+    """1 to 5 objects in 1 to 3 (colour, shape) groups of distinct colours (so a colour names a
+    group); an object that finds no free spot is left out."""
     kinds: list[tuple[str, str]] = []
     for _ in range(rng.randint(1, 3)):
         kind = (rng.choice(colours), rng.choice(SHAPES))
-        if kind not in kinds:
+        if all(colour != kind[0] for colour, _ in kinds):
             kinds.append(kind)
     counts = [1] * len(kinds)
     for _ in range(rng.randint(0, 5 - len(kinds))):
@@ -151,7 +172,7 @@ def _draw_objects(rng: random.Random, draw: ImageDraw.ImageDraw, width: int, hei
     objects: list[SceneObject] = []
     for (colour, shape), count in zip(kinds, counts):
         for _ in range(count):
-            size = round(rng.uniform(0.1, 0.25) * math.sqrt(width * height))
+            size = round(rng.uniform(*OBJECT_SIZE) * math.sqrt(width * height))
             size = min(max(12, size), min(width, height) - 2 * _PAD)
             box_w, box_h, polygon = _shape_outline(rng, shape, size)
             spot = _free_spot(rng, width, height, box_w, box_h, [o.bbox for o in objects])
@@ -278,6 +299,10 @@ def _the(kind: tuple[str, str], count: int) -> str:
     return f"the {colour} {shape}" + ("s" if count > 1 else "")
 
 
+def _coloured(kind: tuple[str, str], count: int) -> str:
+    return f"the {kind[0]} object" + ("s" if count > 1 else "")
+
+
 def _listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -300,36 +325,37 @@ def _caption(groups: dict[tuple[str, str], list[SceneObject]], text: SceneText |
 
 def _questions(rng: random.Random, groups: dict[tuple[str, str], list[SceneObject]], text: SceneText | None,
                background: tuple[str, ...],
-               relations: list[tuple[tuple[str, str], str, tuple[str, str]]]) -> tuple[tuple[str, str], ...]:
-    """2 to 4 (question, answer) pairs, each answer read off the scene's parameters."""
-    shape_counts = {s: sum(len(objs) for (_, shape), objs in groups.items() if shape == s) for s in SHAPES}
-    candidates = [("What is the background colour?", " and ".join(background)),
-                  ("How many shapes are there?", str(sum(shape_counts.values()))),
-                  ("Is there any text in the image?", "yes" if text is not None else "no")]
-    candidates += [(f"How many {shape}s are there?", str(n)) for shape, n in shape_counts.items() if n]
-    absent = [shape for shape, n in shape_counts.items() if not n]
-    if absent:
-        candidates.append((f"How many {rng.choice(absent)}s are there?", "0"))
+               relations: list[tuple[tuple[str, str], str, tuple[str, str]]]) -> tuple[Question, ...]:
+    """Every short-answer question the scene answers, each read off the scene's parameters."""
+    counts = {colour: len(objs) for (colour, _), objs in groups.items()}
+    candidates = [Question("background", "What is the background colour?", " and ".join(background)),
+                  Question("count", "How many shapes are there?", str(sum(counts.values()))),
+                  Question("text_presence", "Is there any text in the image?", "yes" if text is not None else "no")]
+    candidates += [Question("count_colour", f"How many {colour} objects are there?", str(n))
+                   for colour, n in counts.items()]
+    absent = [colour for colour in OBJECT_COLOURS if colour not in counts and colour not in background]
+    candidates.append(Question("count_colour", f"How many {rng.choice(absent)} objects are there?", "0"))
     for shape in SHAPES:
         kinds = [kind for kind in groups if kind[1] == shape]
         if len(kinds) == 1:
             colour = kinds[0][0]
             question = (f"What colour is the {shape}?" if len(groups[kinds[0]]) == 1
                         else f"What colour are the {shape}s?")
-            candidates.append((question, colour))
+            candidates.append(Question("colour", question, colour))
     for colour in OBJECT_COLOURS:
         kinds = [kind for kind in groups if kind[0] == colour]
         if len(kinds) == 1:
             question = (f"What shape is the {colour} object?" if len(groups[kinds[0]]) == 1
                         else f"What shape are the {colour} objects?")
-            candidates.append((question, kinds[0][1]))
-    if relations:
+            candidates.append(Question("shape", question, kinds[0][1]))
+    if relations:  # objects named by colour: a position question needs no shape recognition
         subject, where, reference = rng.choice(relations)
         choice = "left or right of" if where.startswith("to the") else "above or below"
         verb = "Is" if len(groups[subject]) == 1 else "Are"
-        candidates.append((f"{verb} {_the(subject, len(groups[subject]))} {choice} "
-                           f"{_the(reference, len(groups[reference]))}?", _RELATION_ANSWERS[where]))
+        candidates.append(Question("position", f"{verb} {_coloured(subject, len(groups[subject]))} {choice} "
+                                               f"{_coloured(reference, len(groups[reference]))}?",
+                                   _RELATION_ANSWERS[where]))
     if text is not None:
-        candidates.append((f"What {text.kind} is written in the image?", text.text))
-        candidates.append((f"What colour is the {text.kind}?", text.colour))
-    return tuple(rng.sample(candidates, rng.randint(2, 4)))
+        candidates.append(Question("text", f"What {text.kind} is written in the image?", text.text))
+        candidates.append(Question("text_colour", f"What colour is the {text.kind}?", text.colour))
+    return tuple(candidates)

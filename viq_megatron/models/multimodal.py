@@ -102,11 +102,13 @@ class CodeVisualInput(MegatronModule):
 
 class VisionLanguageModel(MegatronModule):
     """A visual input and an LLM; under pipeline parallelism one chunk of it: the visual input
-    lives with the LLM's first stage (`visual` is None elsewhere)."""
+    (and a pixel decoder, where one trains) lives with the LLM's first stage (None elsewhere)."""
 
-    def __init__(self, visual: MegatronModule | None, llm: GPTModel):
+    def __init__(self, visual: MegatronModule | None, llm: GPTModel, decoder: MegatronModule | None = None):
         super().__init__(config=llm.config)
         self.visual = visual if llm.pre_process else None
+        # Stage 2's pixel decoder, trained beside the head on its codes (with the visual input).
+        self.decoder = decoder if llm.pre_process else None
         self.llm = llm
         self.pre_process, self.post_process = llm.pre_process, llm.post_process
         self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules

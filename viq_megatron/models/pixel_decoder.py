@@ -13,6 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from viq_megatron.config import DecoderConfig
+from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.specs import transformer_layer_spec
 from viq_megatron.models.viq_head import grid_rope_angles
 from viq_megatron.models.vit import bidirectional_transformer_config, packed_params, row_blocked
@@ -64,6 +65,26 @@ class PixelDecoder(MegatronModule):
         h = row_blocked(lambda rows: self.blocks(hidden_states=rows.unsqueeze(1), attention_mask=None,
                                                  packed_seq_params=packed).squeeze(1), x)
         return row_blocked(self.output, h)
+
+
+def drawn_and_original(blocks: torch.Tensor, images: PackedImages, patch: int, mean: torch.Tensor,
+                       std: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The decoder's pixel blocks of packed images and those images, each as [3, H, W] in [0, 1]."""
+    bounds = (images.cu_seqlens * 4).tolist()
+    scale, shift = std[:, None, None], mean[:, None, None]
+    drawn, original = [], []
+    for k, grid in enumerate(images.grids.tolist()):
+        drawn.append(blocks_to_image(blocks[bounds[k]:bounds[k + 1]], grid).float() * scale + shift)
+        patches = images.patches[images.cu_seqlens[k]:images.cu_seqlens[k + 1]].to(drawn[-1].device)
+        original.append(patches_to_image(patches, grid, patch).float() * scale + shift)
+    return drawn, original
+
+
+def pixel_losses(drawn: list[torch.Tensor], original: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sums over images: L1 over every pixel value, 1 - SSIM and PSNR (reported, not trained) per image."""
+    return {"l1": sum((d - o).abs().sum() for d, o in zip(drawn, original)),
+            "ssim": sum(1 - ssim(d, o) for d, o in zip(drawn, original)),
+            "psnr": sum(psnr(d.clamp(0, 1), o).detach() for d, o in zip(drawn, original))}
 
 
 def blocks_to_image(blocks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -77,10 +77,12 @@ def checkpoint_step(path: str | Path) -> Path:
     return step
 
 
-def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "") -> tuple[int, int]:
+def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "",
+                        exclude: tuple[str, ...] = ()) -> tuple[int, int]:
     """Loads the tensors of `modules` (this rank's pipeline chunks; keys under `prefix`) that a
-    checkpoint holds: a run's output_dir, its checkpoints/ folder, or one step. Collective:
-    every rank calls it, also one with nothing to load. Returns this rank's (loaded, wanted)."""
+    checkpoint holds: a run's output_dir, its checkpoints/ folder, or one step; keys starting with
+    one of `exclude` keep their initialisation. Collective: every rank calls it, also one with
+    nothing to load. Returns this rank's (loaded, wanted)."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
@@ -89,7 +91,7 @@ def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix
     wanted = {(i, k): v for i, module in enumerate(modules)
               for k, v in module.sharded_state_dict(prefix=prefix).items()
               if isinstance(v, (ShardedTensor, ShardedTensorFactory))}  # factories: e.g. SwiGLU's [gate; up]
-    shared = {f"{i}/{k}": v for (i, k), v in wanted.items() if v.key in available}
+    shared = {f"{i}/{k}": v for (i, k), v in wanted.items() if v.key in available and not k.startswith(exclude)}
     loaded = dist_checkpointing.load(shared, str(path))
     for i, module in enumerate(modules):
         mine = f"{i}/{prefix}"

@@ -28,15 +28,20 @@ class CodebookStats:
         counts = self.counts.to("cuda" if torch.cuda.is_available() else "cpu", copy=True)  # NCCL: device tensors
         if dist.is_initialized():  # tensor-parallel ranks saw the same codes: sum over data parallel only
             dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        counts = counts.cpu()
         self.counts.zero_()
-        total = counts.sum().item()
-        if total == 0:
-            return {}
-        p = counts[counts > 0] / total
-        digits = self.fsq.level_digits(torch.arange(self.fsq.codebook_size))
-        histograms = [[round(counts[digits[:, k] == level].sum().item() / total, 4) for level in range(levels)]
-                      for k, levels in enumerate(self.fsq.levels)]
-        return {"codebook_usage": (counts > 0).sum().item() / self.fsq.codebook_size,
-                "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
-                "codes_seen": total, "level_histograms": histograms}
+        return codebook_summary(counts.cpu(), self.fsq)
+
+
+def codebook_summary(counts: torch.Tensor, fsq: FSQ) -> dict[str, float | list]:
+    """Usage (share of the codebook seen at least once), perplexity (exp of the code entropy) and
+    per-dimension level histograms of code counts [codebook_size]; {} for no codes."""
+    total = counts.sum().item()
+    if total == 0:
+        return {}
+    p = counts[counts > 0].double() / total
+    digits = fsq.level_digits(torch.arange(fsq.codebook_size))
+    histograms = [[round(counts[digits[:, k] == level].sum().item() / total, 4) for level in range(levels)]
+                  for k, levels in enumerate(fsq.levels)]
+    return {"codebook_usage": (counts > 0).sum().item() / fsq.codebook_size,
+            "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
+            "codes_seen": total, "level_histograms": histograms}

@@ -24,7 +24,7 @@ from viq_megatron.models.llm import build_llm_chunks
 from viq_megatron.models.lora import add_lora
 from viq_megatron.models.multimodal import (CodeVisualInput, EncoderVisualInput, Projector, QuantizedVisualInput,
                                              VisionLanguageModel)
-from viq_megatron.models.pixel_decoder import PixelDecoder, blocks_to_image, patches_to_image, psnr, ssim
+from viq_megatron.models.pixel_decoder import PixelDecoder, drawn_and_original, pixel_losses
 from viq_megatron.models.specs import resolve_transformer_impl
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import row_blocked
@@ -77,11 +77,12 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
 
 
 def _caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distill_target=None,
-                   extra_losses=None) -> Stage:
+                   extra_losses=None, decoder: PixelDecoder | None = None) -> Stage:
     """Caption loss through the LLM (on its last pipeline stage) + (with `distill_target`)
     self-distillation of the visual features' pooled vector toward
-    `distill_target(visual, batch)` (pooled, one row per image; on the first stage)."""
-    chunks = [VisionLanguageModel(visual, llm) for llm in llm_chunks]
+    `distill_target(visual, batch)` (pooled, one row per image; on the first stage). A pixel
+    `decoder` (stage 2) lives beside the visual input."""
+    chunks = [VisionLanguageModel(visual, llm, decoder) for llm in llm_chunks]
 
     def losses(model: VisionLanguageModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output = model(batch)
@@ -150,6 +151,9 @@ def build_stage2(cfg: Config) -> Stage:
     llm = build_llm_from_config(cfg)
     visual = build_visual_tokenizer(cfg, llm[0].config.hidden_size)
     head = visual.head
+    drawing = cfg.train.pixel_weight > 0
+    decoder = build_pixel_decoder(cfg) if drawing else None
+    mean, std = (torch.tensor(v, device=head.from_code.weight.device) for v in (cfg.data.image.mean, cfg.data.image.std))
 
     def reconstruct(visual: QuantizedVisualInput) -> dict[str, torch.Tensor]:
         if cfg.train.reconstruct_weight == 0:
@@ -161,16 +165,26 @@ def build_stage2(cfg: Config) -> Stage:
         # The head must keep what the text-aligned stage-1 encoder carries.
         return visual.pool(visual.last_encoder_tokens.detach(), batch.images.cu_seqlens)
 
-    stage = _caption_stage(cfg, visual, llm, stage1_features, reconstruct)
+    stage = _caption_stage(cfg, visual, llm, stage1_features, reconstruct, decoder)
     stats = CodebookStats(head.quantizer.fsq)
     inner_losses = stage.losses
 
     def losses(model: VisionLanguageModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output, out = inner_losses(model, batch)
-        if model.visual is not None and batch.images is not None and head.quantizer.kind != "identity":
-            with torch.no_grad():
-                stats.add(head.indices(model.visual.last_bottleneck))
+        if model.visual is not None and batch.images is not None:
+            if drawing:  # the decoder draws what the quantizer passes on: codes that keep the picture
+                quantized = head.quantizer(model.visual.last_bottleneck)
+                drawn = draw(head, model.decoder, quantized, batch.images, cfg.model.encoder.patch_size, mean, std)
+                out.update({f"pixel_{k}": v for k, v in pixel_losses(*drawn).items()})
+            if head.quantizer.kind != "identity":
+                with torch.no_grad():
+                    stats.add(head.indices(model.visual.last_bottleneck))
         return output, out
+
+    def counts(batch: PackedBatch) -> dict[str, float]:
+        return {**stage.counts(batch), **(pixel_counts(batch, "pixel_") if drawing else {})}
+
+    weights = {**stage.weights, **(pixel_weights(cfg, cfg.train.pixel_weight, "pixel_") if drawing else {})}
 
     def on_step(step: int) -> dict:
         if head.quantizer.kind == "progressive":
@@ -179,7 +193,7 @@ def build_stage2(cfg: Config) -> Stage:
             return {"fsq_blend": head.quantizer.blend, **stats.summary()}
         return {}
 
-    return Stage(stage.chunks, losses, stage.counts, stage.weights, on_step, stage.flops)
+    return Stage(stage.chunks, losses, counts, weights, on_step, stage.flops)
 
 
 class ReconstructionModel(MegatronModule):
@@ -198,23 +212,18 @@ class ReconstructionModel(MegatronModule):
         """Called by the pipeline schedule; a single stage has no input from another."""
 
     def forward(self, images) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(reconstructed, original) images as [3, H, W] in [0, 1]."""
+        """(reconstructed, original) images as [3, H, W] in [0, 1]. Frozen parts build no graph."""
         head = self.visual.head
-        with torch.no_grad():
-            z = head.pre_quantization(self.visual.encoder(images), images)
-            quantized = head.quantizer(z)
-        subtokens = row_blocked(head.from_code, quantized.reshape(-1, quantized.shape[-1]).to(
-            head.from_code.weight.dtype))
-        blocks = self.decoder(subtokens, images.grids)
-        patch = self.visual.encoder.patch_size
-        bounds = (images.cu_seqlens * 4).tolist()
-        scale, shift = self.std[:, None, None], self.mean[:, None, None]
-        out, target = [], []
-        for k, grid in enumerate(images.grids.tolist()):
-            out.append(blocks_to_image(blocks[bounds[k]:bounds[k + 1]], grid).float() * scale + shift)
-            original = images.patches[images.cu_seqlens[k]:images.cu_seqlens[k + 1]].to(out[-1].device)
-            target.append(patches_to_image(original, grid, patch).float() * scale + shift)
-        return out, target
+        quantized = head.quantizer(head.pre_quantization(self.visual.encoder(images), images))
+        return draw(head, self.decoder, quantized, images, self.visual.encoder.patch_size, self.mean, self.std)
+
+
+def draw(head: ViQHead, decoder: PixelDecoder, quantized: torch.Tensor, images, patch: int, mean: torch.Tensor,
+         std: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(drawn, original) images [3, H, W] in [0, 1]: the decoder's drawing of packed images from
+    their quantized bottleneck vectors [N, 4, d] (through the head's `from_code`), beside them."""
+    subtokens = row_blocked(head.from_code, quantized.reshape(-1, quantized.shape[-1]).to(head.from_code.weight.dtype))
+    return drawn_and_original(decoder(subtokens, images.grids), images, patch, mean, std)
 
 
 def build_visual_tokenizer(cfg: Config, llm_hidden_size: int) -> QuantizedVisualInput:
@@ -238,17 +247,24 @@ def build_decoder_stage(cfg: Config) -> Stage:
                                 cfg.data.image.mean, cfg.data.image.std)
 
     def losses(model: ReconstructionModel, batch: PackedBatch) -> tuple[None, dict[str, torch.Tensor]]:
-        out, target = model(batch.images)
-        return None, {"l1": sum((o - t).abs().sum() for o, t in zip(out, target)),
-                      "ssim": sum(1 - ssim(o, t) for o, t in zip(out, target)),
-                      "psnr": sum(psnr(o.clamp(0, 1), t).detach() for o, t in zip(out, target))}
+        return None, pixel_losses(*model(batch.images))
 
-    def counts(batch: PackedBatch) -> dict[str, float]:
-        return {"l1": float(batch.images.patches.numel()), "ssim": float(batch.images.num_images),
-                "psnr": float(batch.images.num_images)}
+    return Stage([model], losses, pixel_counts, pixel_weights(cfg))
 
-    weights = {"l1": cfg.model.decoder.l1_weight, "ssim": cfg.model.decoder.ssim_weight, "psnr": 0.0}
-    return Stage([model], losses, counts, weights)
+
+def pixel_counts(batch: PackedBatch, prefix: str = "") -> dict[str, float]:
+    """What each of `pixel_losses`' sums is divided by: pixel values for L1, images for SSIM and PSNR."""
+    images = batch.images
+    if images is None:
+        return {}
+    return {f"{prefix}l1": float(images.patches.numel()), f"{prefix}ssim": float(images.num_images),
+            f"{prefix}psnr": float(images.num_images)}
+
+
+def pixel_weights(cfg: Config, scale: float = 1.0, prefix: str = "") -> dict[str, float]:
+    decoder = cfg.model.decoder
+    return {f"{prefix}l1": scale * decoder.l1_weight, f"{prefix}ssim": scale * decoder.ssim_weight,
+            f"{prefix}psnr": 0.0}
 
 
 def build_continuous(cfg: Config) -> Stage:
@@ -271,15 +287,17 @@ def build_discrete(cfg: Config) -> Stage:
         raise ValueError("the discrete stage needs model.viq_tokenizer (a ViQTokenizer directory)")
     llm = build_llm_from_config(cfg)
     saved, llm_hidden_size, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
-    if llm_hidden_size != llm[0].config.hidden_size:
+    new_projector = cfg.model.projector == "new"
+    if llm_hidden_size != llm[0].config.hidden_size and not new_projector:
         raise ValueError(f"{cfg.model.viq_tokenizer}: its projector feeds width {llm_hidden_size}, "
-                         f"the LLM has {llm[0].config.hidden_size}")
+                         f"the LLM has {llm[0].config.hidden_size} (model.projector=new trains a new one)")
     tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head))
     head = build_head(tokenizer_cfg)
-    projector = Projector(saved.model.encoder.hidden_size, llm_hidden_size, params_dtype(cfg.model.params_dtype))
+    projector = Projector(saved.model.encoder.hidden_size, llm[0].config.hidden_size,
+                          params_dtype(cfg.model.params_dtype))
     visual = CodeVisualInput(head, projector.to(head.from_code.weight.device))
-    load_full_state_dict(visual, {name[len("visual."):]: tensor for name, tensor in weights.items()
-                                  if name.startswith(("visual.head.", "visual.projector."))})
+    for module, prefix in [(head, "visual.head."), *([] if new_projector else [(projector, "visual.projector.")])]:
+        load_full_state_dict(module, {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)})
     return _caption_stage(cfg, visual, llm)
 
 

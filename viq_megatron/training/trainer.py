@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -180,7 +181,7 @@ class Trainer:
         if "embedded" in (cfg.data.train, cfg.data.val):
             folder = self.output_dir / "embedded_data"
             if is_main_process():
-                write_embedded_dataset(folder, cfg.data.embedded.train_scenes, cfg.data.embedded.val_scenes, cfg.seed)
+                write_embedded_dataset(folder, cfg.data.embedded, cfg.seed)
             dist.barrier()
             embedded = (folder / "train.jsonl", folder / "val.jsonl")
         train_samples = _read_split(cfg, "train", embedded, self.counters)
@@ -189,7 +190,7 @@ class Trainer:
         teacher_side = cfg.data.teacher_image_size if cfg.train.stage == "stage1" else None  # only stage 1's teacher
         common = dict(tokenizer=tokenizer, rules=cfg.data.image, patch=cfg.model.encoder.patch_size,
                       seq_length=cfg.data.seq_length, teacher_side=teacher_side, seed=cfg.seed)
-        self.train_data = PackedConversationDataset(train_samples, **common)
+        self.train_data = PackedConversationDataset(train_samples, augment=cfg.data.augment, **common)
         self.val_data = PackedConversationDataset(val_samples, shuffle=False, **common)
 
     def _build_tokenizer(self, train_samples):
@@ -198,8 +199,12 @@ class Trainer:
             return HFTokenizer(Path(llm.checkpoint) / "tokenizer")
         prefix = self.output_dir / "tokenizer"
         if is_main_process():
-            SentencePieceTokenizer.train((t.text for s in train_samples for t in s.turns),
-                                         llm.tokenizer.sentencepiece_vocab_size, prefix)
+            if llm.tokenizer.sentencepiece_model:  # the run keeps a copy, as evaluation looks for it there
+                prefix.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(llm.tokenizer.sentencepiece_model, f"{prefix}.model")
+            else:
+                SentencePieceTokenizer.train((t.text for s in train_samples for t in s.turns),
+                                             llm.tokenizer.sentencepiece_vocab_size, prefix)
         dist.barrier()
         tokenizer = SentencePieceTokenizer(f"{prefix}.model")
         if tokenizer.vocab_size > llm.arch.vocab_size:
@@ -240,7 +245,9 @@ class Trainer:
     def init_from(self, path: Path) -> None:
         """Loads the weights this model shares with an earlier stage's checkpoint."""
         try:
-            loaded, wanted = load_shared_weights([chunk.module for chunk in self.model], path)
+            # A new projector (for another LLM than the checkpoint's) starts from its initialisation.
+            exclude = ("visual.projector.",) if self.cfg.model.projector == "new" else ()
+            loaded, wanted = load_shared_weights([chunk.module for chunk in self.model], path, exclude=exclude)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"train.init_from: {e}") from None
         loaded, wanted = self._global_sum([loaded, wanted], pipeline=True)
@@ -301,10 +308,11 @@ class Trainer:
                 output = AddLossGradient.apply(output, objective)  # e.g. distillation on the first stage
             return output, None
 
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.model], model=self.model,
-            num_microbatches=len(batches), seq_length=self.cfg.data.seq_length, micro_batch_size=1,
-            forward_only=not train)
+        if batches:  # a small validation set can leave a data-parallel rank without a row
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.model], model=self.model,
+                num_microbatches=len(batches), seq_length=self.cfg.data.seq_length, micro_batch_size=1,
+                forward_only=not train)
         totals = self._global_sum(list(sums.values()) + [float(n in seen) for n in names], pipeline=True)
         reported = totals[len(names):]  # a loss some rank computed
         return {name: total / max(counts[name], 1.0)
