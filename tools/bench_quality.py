@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown_table(results: dict, kinds: list[str]) -> str:
-    order = [k for k in ("background", "colour", "shape", "count", "count_shape", "position", "text_presence", "text",
+    order = [k for k in ("background", "colour", "shape", "count", "count_colour", "position", "text_presence", "text",
                          "text_colour") if k in kinds]
     counts = Counter(kinds)
     lines = ["| row | all | " + " | ".join(f"{k} ({counts[k]})" for k in order) + " |",
