@@ -12,12 +12,13 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_command_line(parser, argv)
     if cfg.model.llm is None:
         parser.exit(2, f"error: {args.config}: model.llm: missing (training needs an LLM)\n")
+    from viq_megatron.models.hf_llm import CheckpointError
     from viq_megatron.runtime.distributed import shutdown
     from viq_megatron.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
-    except ConfigError as e:  # settings only checkable against this machine (TE, FP8, sizes)
+    except (ConfigError, CheckpointError) as e:  # settings only checkable here (TE, FP8, sizes); a bad checkpoint
         parser.exit(2, f"error: {e}\n")
     trainer.train()
     shutdown()

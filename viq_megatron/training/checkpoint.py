@@ -6,11 +6,16 @@
 
 A checkpoint is written into `step_N.tmp` and renamed only once every rank finished,
 then `latest` is replaced atomically: a job killed mid-write leaves the previous
-checkpoint as the latest. Loading never unpickles arbitrary objects (weights_only).
+checkpoint as the latest. Loading never unpickles arbitrary objects: our files load with
+weights_only, and before torch's checkpoint reader opens a checkpoint (it unpickles
+`.metadata` with plain pickle, and non-tensor items with weights_only=False), every pickled
+part of it is checked to hold nothing that could run code (`verify_checkpoint`).
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.runtime.distributed import is_main_process
 
 
@@ -69,12 +75,76 @@ def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_st
 
 
 def checkpoint_step(path: str | Path) -> Path:
-    """A run's output_dir, its checkpoints/ folder or one step -> that step's directory."""
+    """A run's output_dir, its checkpoints/ folder or one step -> that step's directory, verified
+    (`verify_checkpoint`)."""
     path = Path(path)
     step = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
     if not (step / "trainer.pt").is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there")
+    verify_checkpoint(step)
     return step
+
+
+# What torch's distributed-checkpoint metadata is pickled from (besides torch dtypes); a
+# `.metadata` that names anything else is refused before torch unpickles it.
+_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"{self.source}: refused: it would load {module}.{name}, which checkpoint metadata "
+                              "never holds (a crafted checkpoint?)")
+
+
+def verify_checkpoint(step: Path) -> None:
+    """Refuses (CheckpointError, one line naming the file) a checkpoint whose pickled parts could
+    run code when torch reads them: `.metadata` may hold only the metadata classes above, and
+    every non-tensor item in the shards must load with weights_only."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    source = step / ".metadata"
+    try:
+        with open(source, "rb") as f:
+            metadata = _MetadataUnpickler(f, source).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises
+        raise CheckpointError(f"{source}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{source}: not checkpoint metadata (holds a {type(metadata).__name__})")
+    root = step.resolve()
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        shard = step / info.relative_path
+        if shard.resolve().parent != root or getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{source}: item {index.fqn} is stored as {info.relative_path!r} with "
+                                  f"{getattr(info, 'transform_descriptors', None)}; only plain shards in the "
+                                  "checkpoint's own folder are read")
+        try:
+            with open(shard, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - refused globals, truncation, a missing shard
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{shard}: refused item {index.fqn}: it does not load as plain data "
+                                  f"({reason})") from None
 
 
 def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "",
@@ -102,6 +172,7 @@ def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix
 def load_checkpoint(path: str | Path, sharded_state: dict) -> tuple[dict, dict]:
     """(loaded sharded state, trainer state); also restores this rank's RNG streams."""
     path = Path(path)
+    verify_checkpoint(path)
     loaded = dist_checkpointing.load(sharded_state, str(path))
     trainer_state = torch.load(path / "trainer.pt", weights_only=True)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
