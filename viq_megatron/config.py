@@ -304,6 +304,8 @@ class TrainConfig:
     eval_every: int = 20
     eval_batches: int = 4
     save_every: int = 50
+    # Keep only the newest N whole checkpoints (0: keep all).
+    keep_last: int = 0
     output_dir: str = "runs/stage1"
     # Continue from the newest checkpoint in output_dir when there is one.
     resume: bool = True
@@ -313,6 +315,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps every checkpoint)")
         _require(self.micro_batches >= 1, "micro_batches", "must be >= 1")
         _require(self.optimizer.warmup_steps < self.steps, "optimizer.warmup_steps",
                  f"{self.optimizer.warmup_steps} must be below train.steps={self.steps}")

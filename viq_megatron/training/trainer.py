@@ -238,8 +238,9 @@ class Trainer:
         return ["model"] if len(self.model) == 1 else [f"model{i}" for i in range(len(self.model))]
 
     def save(self) -> None:
-        path = save_checkpoint(self.checkpoint_dir, self.step, self._checkpointed_state(),
-                               {"step": self.step, "scheduler": self.scheduler.state_dict()})
+        trainer_state = {"step": self.step, "scheduler": self.scheduler.state_dict()}
+        path = save_checkpoint(self.checkpoint_dir, self.step, self._checkpointed_state(), trainer_state,
+                               self.cfg.train.keep_last)
         log.info("saved %s", path)
 
     def init_from(self, path: Path) -> None:
