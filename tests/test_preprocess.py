@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,93 @@ def test_pipeline_parallel_training_equals_one_process(tools, tmp_path):
     for name, expected in [("stage1", reference["stage1"]), ("discrete", reference["discrete"]),
                            ("discrete_interleaved", reference["discrete"])]:
         assert pipelined[name] == pytest.approx(expected, rel=1e-4), name
+
+
+def token_samples(seed: int, count: int):
+    from viq_megatron.data.token_dataset import TokenSample
+
+    rng = np.random.default_rng(seed)
+    return [TokenSample([(TEXT, rng.integers(0, 100, 5)), (GRID, np.array([1, 2])), (CODES, rng.integers(0, 64, 8))])
+            for _ in range(count)]
+
+
+def write_tokens(prefix, samples) -> None:
+    from viq_megatron.data.token_dataset import TokenDatasetWriter
+
+    writer = TokenDatasetWriter(prefix)
+    for sample in samples:
+        writer.add(sample)
+    writer.finalize()
+
+
+def read_tokens(prefix):
+    dataset = TokenDataset(prefix)
+    return [[(mode, seq.tolist()) for mode, seq in dataset[i].segments] for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("killed", ["while building", "moving .bin into place", "moving .idx into place"])
+def test_a_killed_merge_leaves_the_old_pair_or_none_never_a_mix(tmp_path, monkeypatch, killed):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from viq_megatron.data import token_dataset
+
+    prefix = tmp_path / "tokens"
+    write_tokens(prefix, token_samples(0, 3))
+    old = read_tokens(prefix)
+    real_replace, renames = token_dataset.os.replace, []
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    def dies_at_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == {"moving .bin into place": 1, "moving .idx into place": 2}[killed]:
+            raise RuntimeError("killed")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        if killed == "while building":
+            patch.setattr(IndexedDatasetBuilder, "finalize", dies)
+        else:
+            patch.setattr(token_dataset.os, "replace", dies_at_rename)
+        with pytest.raises(RuntimeError):
+            write_tokens(prefix, token_samples(1, 5))
+    if (tmp_path / "tokens.idx").exists():
+        assert read_tokens(prefix) == old
+    else:
+        with pytest.raises(FileNotFoundError):
+            TokenDataset(prefix)
+    write_tokens(prefix, token_samples(1, 5))  # the rerun
+    write_tokens(tmp_path / "uninterrupted", token_samples(1, 5))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"tokens{suffix}").read_bytes() == (tmp_path / f"uninterrupted{suffix}").read_bytes()
+
+
+def test_a_mismatched_bin_and_idx_is_one_line_naming_the_file(tmp_path):
+    write_tokens(tmp_path / "a", token_samples(0, 3))
+    write_tokens(tmp_path / "b", token_samples(1, 5))
+    (tmp_path / "a.idx").write_bytes((tmp_path / "b.idx").read_bytes())
+    with pytest.raises(ValueError) as mismatch:
+        TokenDataset(tmp_path / "a")
+    assert str(tmp_path / "a.bin") in str(mismatch.value) and "\n" not in str(mismatch.value)
+
+
+def test_a_rerun_from_other_inputs_stops_instead_of_mixing_shards(tools, tmp_path):
+    data, raw = conversation_dataset(tmp_path)
+    out = tmp_path / "out/train"
+    assert preprocess(tools, data, out).returncode == 3
+    fresh = {suffix: Path(f"{out}{suffix}").read_bytes() for suffix in (".bin", ".idx")}
+    raw[0]["conversations"][1]["value"] = "A blue circle on grey."  # a caption changed
+    data.write_text("".join(json.dumps(s) + "\n" for s in raw))
+    for extra, says in (((), "the inputs"), (("--shard-size", "3"), "--shard-size was 2")):
+        changed = preprocess(tools, data, out, *extra)
+        assert changed.returncode == 2 and says in changed.stderr and "--overwrite" in changed.stderr, changed.stderr
+        assert changed.stderr.count("\n") == 1
+        assert {s: Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")} == fresh  # untouched
+    assert preprocess(tools, data, out, "--overwrite").returncode == 3
+    assert preprocess(tools, data, tmp_path / "clean/train").returncode == 3
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{out}{suffix}").read_bytes() == (tmp_path / f"clean/train{suffix}").read_bytes()
+    assert Path(f"{out}.bin").read_bytes() != fresh[".bin"]
+    bad = preprocess(tools, data, out, "--shard-size", "0")
+    assert bad.returncode == 2 and "--shard-size" in bad.stderr

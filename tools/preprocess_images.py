@@ -11,7 +11,10 @@ viq_megatron/data/token_dataset.py), `OUT.report.jsonl` (every skipped input and
 The samples are cut into shards of `--shard-size`; each process takes every W-th
 shard, writes it to OUT.shards/ and marks it done last. A rerun skips finished shards,
 so an interrupted job resumes without duplicating a sample, and the merged files are
-the same for any number of processes.
+the same for any number of processes. OUT.shards/manifest.json records what the shards are
+built from (the inputs with their images' sizes and modification times, the ViQ tokenizer's
+configuration and weights, the text tokenizer, the shard size, the format): a rerun that
+disagrees stops (exit 2) instead of mixing shards; `--overwrite` starts afresh.
 
 Exit status: 0 all done; 3 done, some inputs skipped (see the report); 2 usage or
 configuration error; 1 failed.
@@ -19,8 +22,10 @@ configuration error; 1 failed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import viq_megatron  # noqa: E402,F401
 
 EXIT_SKIPPED = 3
+MANIFEST_FORMAT = 1
+
+
+class ManifestMismatch(ValueError):
+    """OUT.shards was built from something else than this run; one line saying what differs."""
 
 
 def read_inputs(path: Path, root: str | None, allow_outside_root: bool) -> list:
@@ -119,6 +129,57 @@ def codebook_counts(prefix: Path, codebook_size: int):
     return counts
 
 
+def manifest(items: list, tok, text_tok, shard_size: int) -> dict:
+    """What the output is built from (see the module docstring)."""
+    from viq_megatron.data.conversations import SampleError
+
+    def state(path) -> list:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return [str(path), None, None]
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+
+    inputs = hashlib.sha256()
+    for item in items:
+        entry = (["error", str(item)] if isinstance(item, SampleError) else
+                 [item.source, [[t.role, t.text] for t in item.turns], [state(p) for p in item.images]])
+        inputs.update(json.dumps(entry).encode() + b"\n")
+    return {"format": MANIFEST_FORMAT, "samples": len(items), "inputs": inputs.hexdigest(),
+            "tokenizer": tok.fingerprint(), "text_tokenizer": text_tok.fingerprint(), "shard_size": shard_size}
+
+
+def check_manifest(shards_dir: Path, wanted: dict, out: Path) -> None:
+    """Writes the manifest into a new shards folder; raises ManifestMismatch where one differs."""
+    path = shards_dir / "manifest.json"
+    if not path.is_file():
+        if any(shards_dir.iterdir()):
+            raise ManifestMismatch(f"{shards_dir}: shards without a manifest (another version's?); rerun with "
+                                   f"--overwrite to rebuild {out}")
+        path.with_suffix(".tmp").write_text(json.dumps(wanted, indent=1))
+        os.replace(path.with_suffix(".tmp"), path)
+        return
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestMismatch(f"{path}: unreadable ({e}); rerun with --overwrite to rebuild {out}") from None
+    differ = [key for key in wanted if found.get(key) != wanted[key]]
+    if differ:
+        what = {"inputs": "the inputs (or their images) changed", "samples": "the number of inputs changed",
+                "tokenizer": "another ViQ tokenizer", "text_tokenizer": "another text tokenizer",
+                "shard_size": f"--shard-size was {found.get('shard_size')}", "format": "another format version"}
+        reasons = "; ".join(what[k] for k in differ)
+        raise ManifestMismatch(f"{path}: {out} was started from something else ({reasons}); rerun with --overwrite "
+                               "to rebuild it")
+
+
+def remove_outputs(out: Path) -> None:
+    """Everything preprocess writes for OUT (for --overwrite)."""
+    shutil.rmtree(f"{out}.shards", ignore_errors=True)
+    for suffix in (".idx", ".bin", ".report.jsonl", ".codebook.json", ".writing.bin", ".writing.idx"):
+        Path(f"{out}{suffix}").unlink(missing_ok=True)
+
+
 def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> int:
     """Writes OUT.bin/.idx (+ OUT.report.jsonl, and OUT.codebook.json: usage, perplexity and level
     histograms of the codes written) from samples (or SampleErrors); each process of the running
@@ -130,9 +191,24 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
 
     from viq_megatron.data.token_dataset import TokenDatasetWriter
 
+    if shard_size < 1:
+        raise ValueError(f"--shard-size: {shard_size} must be >= 1")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shards_dir = Path(f"{out}.shards")
-    shards_dir.mkdir(parents=True, exist_ok=True)
+    wanted = manifest(items, tok, text_tok, shard_size)
+    problem = None
+    if rank == 0:
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            check_manifest(shards_dir, wanted, out)
+        except ManifestMismatch as e:
+            problem = str(e)
+    if world_size > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise ManifestMismatch(problem)
     num_shards = max(1, -(-len(items) // shard_size))
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not (shards_dir / f"shard_{k:06d}.json").is_file()]
@@ -179,6 +255,8 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
     from viq_megatron.config import ParallelConfig
     from viq_megatron.runtime.distributed import initialize, shutdown
     from viq_megatron.tokenizer import TokenizerError, ViQTokenizer
@@ -192,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="image paths resolve under this folder (default: the input's folder)")
     parser.add_argument("--allow-outside-root", action="store_true")
     parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--overwrite", action="store_true", help="discard OUT's earlier output and shards first")
     args = parser.parse_args(argv)
     if not args.input.exists():
         parser.exit(2, f"error: {args.input}: no such file or directory\n")
+    if args.shard_size < 1:
+        parser.exit(2, f"error: --shard-size: {args.shard_size} must be >= 1\n")
 
     initialize(ParallelConfig(), seed=0)
     try:
@@ -203,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenizerError, OSError, ValueError) as e:
         parser.exit(2, f"error: {str(e).splitlines()[0]}\n")
     items = read_inputs(args.input, args.root, args.allow_outside_root)
-    status = preprocess(items, tok, text_tok, args.out, args.shard_size)
+    if args.overwrite and dist.get_rank() == 0:  # the others wait for rank 0's manifest in preprocess
+        remove_outputs(args.out)
+    try:
+        status = preprocess(items, tok, text_tok, args.out, args.shard_size)
+    except ManifestMismatch as e:
+        parser.exit(2, f"error: {e}\n")
     shutdown()
     return status
 

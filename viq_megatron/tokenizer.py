@@ -14,6 +14,7 @@ this class, so `embed(encode(x))` equals what the online model feeds the LLM, bi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,14 @@ class ViQTokenizer:
             if module is not None:
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                                        strict=False)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the codes: the configuration and every weight."""
+        digest = hashlib.sha256(json.dumps(self._config_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

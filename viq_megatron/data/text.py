@@ -7,6 +7,8 @@ taken on the assistant's tokens only (its answer and its end-of-turn marker). Ea
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -43,6 +45,10 @@ class TextTokenizer(Protocol):
         ...
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the token ids (vocabulary, merges, template)."""
+        ...
 
 
 def tokenize_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn],
@@ -92,6 +98,11 @@ class HFTokenizer:
         self.vocab_size = len(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id
 
+    def fingerprint(self) -> str:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        rules = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        return hashlib.sha256(f"{rules}\n{self.tokenizer.chat_template}".encode()).hexdigest()
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -132,6 +143,9 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, model_prefix: str | Path) -> "SentencePieceTokenizer":

@@ -12,6 +12,7 @@ int32 throughout (text vocabularies exceed uint16). Megatron-Core's own
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,14 @@ class TokenSample:
 
 
 class TokenDatasetWriter:
+    """Writes PREFIX.bin / PREFIX.idx under temporary names (PREFIX.writing.*), then moves them
+    into place: the old `.idx` goes first and the new one comes last, so a reader finds the old
+    pair, the new pair or no dataset, never one file of each."""
+
     def __init__(self, prefix: str | Path):
         self.prefix = str(prefix)
-        self.builder = IndexedDatasetBuilder(f"{self.prefix}.bin", dtype=np.int32, multimodal=True)
+        self.staging = f"{self.prefix}.writing"
+        self.builder = IndexedDatasetBuilder(f"{self.staging}.bin", dtype=np.int32, multimodal=True)
 
     def add(self, sample: TokenSample) -> None:
         for mode, values in sample.segments:
@@ -51,15 +57,32 @@ class TokenDatasetWriter:
         self.builder.add_index(str(prefix))
 
     def finalize(self) -> None:
-        self.builder.finalize(f"{self.prefix}.idx")
+        self.builder.finalize(f"{self.staging}.idx")
+        for suffix in (".bin", ".idx"):
+            with open(f"{self.staging}{suffix}", "rb") as f:
+                os.fsync(f.fileno())
+        Path(f"{self.prefix}.idx").unlink(missing_ok=True)
+        os.replace(f"{self.staging}.bin", f"{self.prefix}.bin")
+        os.replace(f"{self.staging}.idx", f"{self.prefix}.idx")
 
 
 class TokenDataset:
     """Samples back from the files, through Megatron-Core's IndexedDataset."""
 
     def __init__(self, prefix: str | Path):
+        for suffix in (".idx", ".bin"):
+            if not os.path.isfile(f"{prefix}{suffix}"):
+                raise FileNotFoundError(f"{prefix}{suffix}: no such file (tools/preprocess_images.py writes the pair; "
+                                        "a merge it did not finish leaves none)")
         self.data = IndexedDataset(str(prefix), multimodal=True)
         self.documents = self.data.document_indices
+        index = self.data.index
+        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+                    if len(index.sequence_lengths) else 0)
+        actual = os.path.getsize(f"{prefix}.bin")
+        if actual != expected:
+            raise ValueError(f"{prefix}.bin: {actual} bytes, but {prefix}.idx describes {expected}: the pair does "
+                             "not belong together (rerun tools/preprocess_images.py)")
 
     def __len__(self) -> int:
         return len(self.documents) - 1
