@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown_table(results: dict, kinds: list[str]) -> str:
-    order = [k for k in ("background", "colour", "shape", "count", "count_colour", "position", "text_presence", "text",
-                         "text_colour") if k in kinds]
+    from viq_megatron.data.scenes import QUESTION_KINDS
+
+    order = [k for k in QUESTION_KINDS if k in kinds]
     counts = Counter(kinds)
     lines = ["| row | all | " + " | ".join(f"{k} ({counts[k]})" for k in order) + " |",
              "|---" * (len(order) + 2) + "|"]
