@@ -120,7 +120,7 @@ def test_failed_resave_keeps_the_folder_it_would_replace(saved, monkeypatch, kil
         monkeypatch.setattr(checkpoint.dist_checkpointing, "save", dies_writing)
     else:
         monkeypatch.setattr(checkpoint.os, "replace", dies_renaming)
-    with pytest.raises(RuntimeError):
+    with pytest.raises((RuntimeError, OSError)):  # a failed write is reported as an OSError naming the folder
         save(llm, run / "checkpoints", 1)
     found = checkpoint.latest_checkpoint(run / "checkpoints")
     assert sorted((p.name, p.read_bytes()) for p in found.iterdir()) == before

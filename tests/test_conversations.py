@@ -147,3 +147,36 @@ def test_row_order_is_a_pure_function_of_the_row(tmp_path, sp_tokenizer):
     resumed = dataset()
     for r in (starts[2] + 1, 0, starts[1]):
         assert resumed.row_indices(r) == rows[r]
+
+
+@pytest.mark.parametrize("problem", ["no usable sample", "unwritable output_dir", "not UTF-8", "tokenizer too large"])
+def test_training_on_unusable_data_or_output_is_one_line(tmp_path, capsys, megatron_world, problem):
+    """Before: SentencePiece's internal error with nothing to train on, or a traceback."""
+    from viq_megatron import train
+    from conftest import TINY_TRAIN
+
+    data = write_jsonl(tmp_path / "bad.jsonl", [conv(("human", "<image>"), ("gpt", "x"), image="gone.png"),
+                                                 "{not json"])
+    output_dir, named = tmp_path / "run", f"{data}: no usable training sample (2 malformed"
+    if problem == "unwritable output_dir":
+        (tmp_path / "file").write_text("")
+        output_dir, named = tmp_path / "file/run", f"{tmp_path / 'file/run/metrics.jsonl'}: cannot write there"
+    if problem == "not UTF-8":
+        data.write_bytes(b"\xff" + data.read_bytes())
+        named = f"{data}: not UTF-8 text"
+    extra = []
+    if problem == "tokenizer too large":  # a SentencePiece model of more pieces than the LLM's 300
+        good = write_jsonl(tmp_path / "good.jsonl", [conv(("human", "Hi."), ("gpt", f"Answer {i}.")) for i in range(3)])
+        pieces = SentencePieceTokenizer.train([f"text number {i} of many words" for i in range(300)], 400,
+                                              tmp_path / "sp").vocab_size
+        assert pieces > 300
+        data, named = good, f"{tmp_path / 'sp.model'}: its {pieces} tokens do not fit the LLM's vocabulary of 300"
+        extra = ["model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
+                 "ffn_hidden_size: 128, vocab_size: 300}", "model.llm.tokenizer.sentencepiece_vocab_size=256",
+                 f"model.llm.tokenizer.sentencepiece_model={tmp_path / 'sp.model'}"]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", str(tmp_path / "c.yaml"), *TINY_TRAIN, f"data.train={data}", f"data.val={data}",
+                    f"train.output_dir={output_dir}", *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {named}") and err.count("\n") == 1, err

@@ -150,3 +150,23 @@ def test_prompt_is_the_training_layout_up_to_the_answer(tmp_path):
         assert full.token_ids[:first] == prompt.token_ids and full.visual_slots == prompt.visual_slots
         answer_ids = [i for i, flag in zip(full.token_ids, full.loss_flags) if flag]
         assert answer_ids[-1] == tokenizer.eos_id and tokenizer.decode(answer_ids[:-1]).strip() == answer
+
+
+def test_a_missing_checkpoint_or_unwritable_output_stops_before_any_answer(trained, tmp_path):
+    """Both are one line naming the path, exit 2, before a model is built (so no answer is computed
+    and then lost); a missing checkpoint is named, not the tokenizer the run would have kept."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "workers"))
+    from evaluate_checks import command_line
+
+    work, _ = trained
+    (tmp_path / "file").write_text("")
+    for checkpoint, out, named in ((tmp_path / "no_run", tmp_path / "a.jsonl", tmp_path / "no_run"),
+                                   (work / "run", tmp_path / "file/a.jsonl", tmp_path / "file/a.jsonl")):
+        result = subprocess.run([sys.executable, "-m", "viq_megatron.evaluate", "--checkpoint", str(checkpoint),
+                                 "--questions", str(work / "data/qa_val.jsonl"), "--out", str(out),
+                                 *command_line(work)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {named}: "), result.stderr[-2000:]
+        assert result.stderr.count("\n") == 1 and "answering" not in result.stderr, result.stderr

@@ -82,6 +82,17 @@ def test_modes_become_rgb(tmp_path):
     pixel = open_rgb(tmp_path / "grey16.png", RULES).getpixel((0, 0))
     assert pixel == (191, 191, 191)  # rescaled from 16 bits, not clipped to 255
 
+    for values, expected in ((np.float32([[0.75, 0.25]]), [191, 64]),  # 0..1: the usual float range
+                             (np.float32([[191.0, 64.0]]), [191, 64])):  # a value above 1: 0..255
+        Image.fromarray(np.repeat(values, 10, axis=0), "F").save(tmp_path / "float.tif")
+        assert [open_rgb(tmp_path / "float.tif", RULES).getpixel((x, 0)) for x in (0, 1)] == \
+            [(v, v, v) for v in expected]  # PIL's convert("RGB") makes 0..1 black
+    Image.fromarray(np.full((20, 20), 49151, dtype=np.uint16)).save(tmp_path / "grey16.tif")
+    assert open_rgb(tmp_path / "grey16.tif", RULES).getpixel((0, 0)) == (191, 191, 191)
+    Image.fromarray(np.full((20, 20), np.nan, dtype=np.float32), "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageError, match="nan.tif: .*NaN or infinite pixel values"):
+        open_rgb(tmp_path / "nan.tif", RULES)
+
     rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     rgba.save(tmp_path / "transparent.png")
     assert open_rgb(tmp_path / "transparent.png", RULES).getpixel((0, 0)) == (255, 255, 255)

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from viq_megatron.data.conversations import Sample, SampleError
 from viq_megatron.data.text import SentencePieceTokenizer, Turn, tokenize_conversation
 from viq_megatron.data.token_dataset import ANSWER, CODES, GRID, TEXT, TokenDataset
+from viq_megatron.runtime.errors import InputError
 from conftest import ROOT, make_image, tiny_train_config, torchrun
 
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
@@ -243,7 +245,7 @@ def test_a_killed_merge_leaves_the_old_pair_or_none_never_a_mix(tmp_path, monkey
     if (tmp_path / "tokens.idx").exists():
         assert read_tokens(prefix) == old
     else:
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(InputError, match="no such file"):
             TokenDataset(prefix)
     write_tokens(prefix, token_samples(1, 5))  # the rerun
     write_tokens(tmp_path / "uninterrupted", token_samples(1, 5))
@@ -279,3 +281,73 @@ def test_a_rerun_from_other_inputs_stops_instead_of_mixing_shards(tools, tmp_pat
     assert Path(f"{out}.bin").read_bytes() != fresh[".bin"]
     bad = preprocess(tools, data, out, "--shard-size", "0")
     assert bad.returncode == 2 and "--shard-size" in bad.stderr
+
+
+def read_inputs(*args):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_images", ROOT / "tools/preprocess_images.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.read_inputs(*args)
+
+
+def test_an_unreadable_input_file_is_one_line_naming_it(tmp_path):
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"conversations": [{"from": "gpt", "value": "caf\xe9"}]}\n'.encode("latin-1"))
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"image": "a.png", "conversations": [')
+    for path, says in ((nested, "JSON nested too deeply to read"), (latin1, "not UTF-8 text (byte 0xe9"),
+                       (cut, "invalid JSON"), (tmp_path / "missing.json", "cannot read data")):
+        with pytest.raises(InputError) as e:
+            read_inputs(path, None, False)
+        assert str(e.value).startswith(f"{path}: {says}") and "\n" not in str(e.value), e.value
+
+
+def test_folder_links_out_of_it_and_dangling_links_are_reported(tmp_path):
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    folder.mkdir(), outside.mkdir()
+    make_image(folder / "good.png")
+    make_image(outside / "secret.png", seed=1)
+    make_image(folder / "inside.png", seed=2)
+    (folder / "out.png").symlink_to(outside / "secret.png")
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "alias.png").symlink_to(folder / "inside.png")  # stays in the folder: read
+    (folder / "bad_caption.png").symlink_to(folder / "good.png")
+    (folder / "bad_caption.txt").write_bytes(b"\xff\xfe")
+    items = read_inputs(folder, None, False)
+    assert {Path(i.source).name for i in items if isinstance(i, Sample)} == {"alias.png", "good.png", "inside.png"}
+    errors = {Path(str(e).split(": ")[0]).name: str(e) for e in items if isinstance(e, SampleError)}
+    assert "symbolic link out of" in errors["out.png"] and "dangling symbolic link" in errors["dangling.png"]
+    assert "not UTF-8 text" in errors["bad_caption.txt"] and len(errors) == 3
+    allowed = read_inputs(folder, None, True)
+    assert "out.png" in {Path(i.source).name for i in allowed if isinstance(i, Sample)}
+
+
+def test_an_unwritable_output_or_a_full_disk_is_one_line_and_a_rerun_resumes(tools, tmp_path):
+    import resource
+    import signal
+
+    data, _ = conversation_dataset(tmp_path)
+    (tmp_path / "file").write_text("")
+    blocked = preprocess(tools, data, tmp_path / "file/train")
+    assert blocked.returncode == 2 and blocked.stderr == f"error: {tmp_path / 'file/train'}: cannot write there " \
+        f"({tmp_path / 'file'}: not a folder)\n", blocked.stderr
+
+    def small_disk():  # writes past 600 bytes fail as on a full disk (EFBIG rather than ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out/train"
+    full = subprocess.run([sys.executable, str(ROOT / "tools/preprocess_images.py"), "--input", str(data),
+                           "--tokenizer", str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(out),
+                           "--shard-size", "2"], capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    last = full.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert full.returncode == 1 and last.startswith(f"error: {out}.shards/shard_") and "File too large" in last, \
+        full.stderr[-2000:]
+    assert preprocess(tools, data, out).returncode == 3  # the same job, with room
+    assert preprocess(tools, data, tmp_path / "clean/train").returncode == 3
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{out}{suffix}").read_bytes() == (tmp_path / f"clean/train{suffix}").read_bytes()

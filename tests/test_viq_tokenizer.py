@@ -118,3 +118,31 @@ def test_save_load_round_trip_and_errors(tok, paths, tmp_path):
     with pytest.raises(TokenizerError) as e:
         ViQTokenizer.load(tmp_path / "t")
     assert "\n" not in str(e.value) and "has shape" in str(e.value) and "visual.head." in str(e.value)
+
+
+def test_non_finite_weights_or_features_never_become_codes(tok, paths, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from viq_megatron.data.images import ImageError
+    from viq_megatron.tokenizer import TokenizerError, ViQTokenizer
+
+    tok.save(tmp_path / "t")
+    loaded = ViQTokenizer.load(tmp_path / "t")
+
+    def nan_for_the_second_image(module, inputs, output):
+        start, end = inputs[0].cu_seqlens[1:3].tolist()
+        output[start:end, 0] = float("nan")
+        return output
+
+    hook = loaded.visual.encoder.register_forward_hook(nan_for_the_second_image)
+    with pytest.raises(ImageError, match=rf"^{paths[1]}: the tokenizer's features are NaN or infinite"):
+        loaded.encode(paths)
+    hook.remove()
+    assert [torch.equal(a.codes, b.codes) for a, b in zip(loaded.encode(paths), tok.encode(paths))] == [True] * 3
+
+    weights = load_file(tmp_path / "t/model.safetensors")
+    name = sorted(weights)[3]
+    weights[name][0] = float("inf")
+    save_file(weights, tmp_path / "t/model.safetensors")
+    with pytest.raises(TokenizerError, match=rf"model.safetensors: tensor {name} holds NaN or infinite values"):
+        ViQTokenizer.load(tmp_path / "t")

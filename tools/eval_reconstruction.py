@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from viq_megatron.data.embedded import VALIDATION_PHOTOS, shipped_photos
-    from viq_megatron.data.images import find_images, native_size, open_rgb
+    from viq_megatron.data.images import ImageError, find_images, native_size, open_rgb
     from viq_megatron.models.pixel_decoder import psnr, ssim
     from viq_megatron.tokenizer import ViQTokenizer
 
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         tok.cfg.data.image = dataclasses.replace(image, max_pixels=args.max_pixels,
                                                  max_source_pixels=max(image.max_source_pixels, args.max_pixels))
     paths = find_images(args.images) if args.images else shipped_photos()
+    for problem in [p for p in paths if isinstance(p, ImageError)]:
+        print(f"skipped {problem}", file=sys.stderr)
+    paths = [p for p in paths if not isinstance(p, ImageError)]
     held_out = set() if args.images else {p.name for p in paths[-VALIDATION_PHOTOS:]}
     rules, patch = tok.cfg.data.image, tok.cfg.model.encoder.patch_size
     encoded = tok.encode(paths)

@@ -5,19 +5,22 @@
     torchrun --nproc-per-node 8 tools/preprocess_images.py ...       # data-parallel (srun works too)
 
 Input: LLaVA-style JSON/JSONL (as for training) or a folder of images, each with an
-optional caption in a same-named .txt file. Output: `OUT.bin` / `OUT.idx` (format in
-viq_megatron/data/token_dataset.py), `OUT.report.jsonl` (every skipped input and why).
+optional caption in a same-named .txt file (a symbolic link out of the folder is refused
+unless --allow-outside-root, a dangling one reported). Output: `OUT.bin` / `OUT.idx` (format
+in viq_megatron/data/token_dataset.py), `OUT.report.jsonl` (every skipped input and why).
 
 The samples are cut into shards of `--shard-size`; each process takes every W-th
-shard, writes it to OUT.shards/ and marks it done last. A rerun skips finished shards,
-so an interrupted job resumes without duplicating a sample, and the merged files are
+shard, writes it to OUT.shards/ and marks it done last, with its files' digests. A rerun
+skips finished shards (one damaged since is written again), so an interrupted job resumes
+without duplicating a sample, and the merged files are
 the same for any number of processes. OUT.shards/manifest.json records what the shards are
 built from (the inputs with their images' sizes and modification times, the ViQ tokenizer's
 configuration and weights, the text tokenizer, the shard size, the format): a rerun that
 disagrees stops (exit 2) instead of mixing shards; `--overwrite` starts afresh.
 
-Exit status: 0 all done; 3 done, some inputs skipped (see the report); 2 usage or
-configuration error; 1 failed.
+Exit status: 0 all done; 3 done, some inputs skipped (see the report); 2 usage, input or
+configuration error; 1 failed (e.g. a full disk; a rerun resumes). Errors are one line
+naming the file.
 """
 from __future__ import annotations
 
@@ -32,30 +35,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import viq_megatron  # noqa: E402,F401
+from viq_megatron.runtime.errors import InputError, check_writable, one_line_errors, read_text, writing  # noqa: E402
 
 EXIT_SKIPPED = 3
 MANIFEST_FORMAT = 1
 
 
-class ManifestMismatch(ValueError):
+class ManifestMismatch(InputError):
     """OUT.shards was built from something else than this run; one line saying what differs."""
 
 
 def read_inputs(path: Path, root: str | None, allow_outside_root: bool) -> list:
     """Samples (or SampleErrors) from a JSON/JSONL file, or one sample per image of a folder."""
-    from viq_megatron.data.conversations import Sample, read_conversations
+    from viq_megatron.data.conversations import Sample, SampleError, read_conversations
     from viq_megatron.data.images import find_images
     from viq_megatron.data.text import IMAGE_PLACEHOLDER, Turn
 
     if not path.is_dir():
         return list(read_conversations(path, root, allow_outside_root))
     samples = []
-    for image in find_images([str(path)]):
+    for image in find_images([str(path)], allow_outside_root):
+        if not isinstance(image, Path):
+            samples.append(SampleError(str(image)))
+            continue
         caption = image.with_suffix(".txt")
-        turns = ((Turn("user", f"{IMAGE_PLACEHOLDER}\nDescribe the image."),
-                  Turn("assistant", caption.read_text().strip())) if caption.is_file()
-                 else (Turn("user", IMAGE_PLACEHOLDER),))
+        try:
+            turns = ((Turn("user", f"{IMAGE_PLACEHOLDER}\nDescribe the image."),
+                      Turn("assistant", read_text(caption, "caption").strip())) if caption.is_file()
+                     else (Turn("user", IMAGE_PLACEHOLDER),))
+        except InputError as e:
+            samples.append(SampleError(str(e)))
+            continue
         samples.append(Sample(str(image), turns, (image,)))
     return samples
 
@@ -173,6 +183,32 @@ def check_manifest(shards_dir: Path, wanted: dict, out: Path) -> None:
                                "to rebuild it")
 
 
+def shard_digests(prefix: Path) -> dict:
+    """sha256 of a shard's .bin and .idx (None for a missing file)."""
+    digests = {}
+    for suffix in (".bin", ".idx"):
+        path = Path(f"{prefix}{suffix}")
+        digests[suffix] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return digests
+
+
+def shard_finished(prefix: Path) -> bool:
+    """A shard is finished when its marker (written last) describes the files there: a shard
+    truncated or altered since is written again, with a warning."""
+    marker = Path(f"{prefix}.json")
+    if not marker.is_file():
+        return False
+    try:
+        described = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        described = None
+    if described == shard_digests(prefix):
+        return True
+    print(f"warning: {prefix}.bin/.idx differ from {marker.name} (damaged since?); writing the shard again",
+          file=sys.stderr)
+    return False
+
+
 def remove_outputs(out: Path) -> None:
     """Everything preprocess writes for OUT (for --overwrite)."""
     shutil.rmtree(f"{out}.shards", ignore_errors=True)
@@ -185,14 +221,11 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
     histograms of the codes written) from samples (or SampleErrors); each process of the running
     job takes every W-th shard, rank 0 merges. Collective. Returns the exit status (0, or
     EXIT_SKIPPED where some inputs were skipped) on rank 0, 0 elsewhere."""
-    from viq_megatron.training.codebook import codebook_summary
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from viq_megatron.data.token_dataset import TokenDatasetWriter
-
     if shard_size < 1:
-        raise ValueError(f"--shard-size: {shard_size} must be >= 1")
+        raise InputError(f"--shard-size: {shard_size} must be >= 1")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shards_dir = Path(f"{out}.shards")
     wanted = manifest(items, tok, text_tok, shard_size)
@@ -211,11 +244,14 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
         raise ManifestMismatch(problem)
     num_shards = max(1, -(-len(items) // shard_size))
     mine = [k for k in range(num_shards) if k % world_size == rank]
-    todo = [k for k in mine if not (shards_dir / f"shard_{k:06d}.json").is_file()]
+    todo = [k for k in mine if not shard_finished(shards_dir / f"shard_{k:06d}")]
     start, images_done = time.perf_counter(), 0
     for k in tqdm(todo, desc="shards", disable=rank != 0, unit="shard"):
-        stats = write_shard(shards_dir / f"shard_{k:06d}", items[k * shard_size:(k + 1) * shard_size], tok, text_tok)
+        with writing(shards_dir / f"shard_{k:06d}.bin"):
+            stats = write_shard(shards_dir / f"shard_{k:06d}", items[k * shard_size:(k + 1) * shard_size], tok,
+                                text_tok)
         images_done += stats["images"]
+        stats["files"] = shard_digests(shards_dir / f"shard_{k:06d}")
         marker = shards_dir / f"shard_{k:06d}.json"
         marker.with_suffix(".tmp").write_text(json.dumps(stats))
         os.replace(marker.with_suffix(".tmp"), marker)  # written last: the shard is complete
@@ -224,34 +260,43 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
         dist.barrier()
     status = 0
     if rank == 0:
-        writer = TokenDatasetWriter(out)
-        totals = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0}
-        skipped = []
-        for k in range(num_shards):
-            writer.append_dataset(shards_dir / f"shard_{k:06d}")
-            stats = json.loads((shards_dir / f"shard_{k:06d}.json").read_text())
-            totals = {key: totals[key] + stats[key] for key in totals}
-            skipped += stats["skipped"]
-        writer.finalize()
-        Path(f"{out}.report.jsonl").write_text(
-            "".join(json.dumps({"input": line.split(": ", 1)[0], "reason": line.split(": ", 1)[-1]}) + "\n"
-                    for line in skipped))
-        written = sum(Path(f"{out}{suffix}").stat().st_size for suffix in (".bin", ".idx"))
-        print(f"{totals['samples']} samples, {totals['images']} images, {totals['codes']} codes; "
-              f"{len(skipped)} inputs skipped (see {out}.report.jsonl)")
-        print(f"{written:,} bytes written for {totals['source_bytes']:,} bytes of source images "
-              f"({written / max(totals['source_bytes'], 1):.2%}); "
-              f"{images_done / max(seconds, 1e-9):.1f} images/s on rank 0 this run")
-        fsq = tok.visual.head.quantizer.fsq
-        codebook = codebook_summary(codebook_counts(out, fsq.codebook_size), fsq)
-        Path(f"{out}.codebook.json").write_text(json.dumps(codebook))
-        if codebook:
-            print(f"codebook: {codebook['codebook_usage']:.1%} of the {fsq.codebook_size} codes used, perplexity "
-                  f"{codebook['codebook_perplexity']:.0f} over {codebook['codes_seen']} codes (see {out}.codebook.json)")
-        status = EXIT_SKIPPED if skipped else 0
+        with writing(f"{out}.bin"):
+            status = _merge(shards_dir, num_shards, out, tok, images_done, seconds)
     if world_size > 1:
         dist.barrier()  # the merged files exist before any rank reads them
     return status
+
+
+def _merge(shards_dir: Path, num_shards: int, out: Path, tok, images_done: int, seconds: float) -> int:
+    """The shards -> OUT.bin/.idx, OUT.report.jsonl, OUT.codebook.json; the exit status."""
+    from viq_megatron.data.token_dataset import TokenDatasetWriter
+    from viq_megatron.training.codebook import codebook_summary
+
+    writer = TokenDatasetWriter(out)
+    totals = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0}
+    skipped = []
+    for k in range(num_shards):
+        writer.append_dataset(shards_dir / f"shard_{k:06d}")
+        stats = json.loads((shards_dir / f"shard_{k:06d}.json").read_text())
+        totals = {key: totals[key] + stats[key] for key in totals}
+        skipped += stats["skipped"]
+    writer.finalize()
+    Path(f"{out}.report.jsonl").write_text(
+        "".join(json.dumps({"input": line.split(": ", 1)[0], "reason": line.split(": ", 1)[-1]}) + "\n"
+                for line in skipped))
+    written = sum(Path(f"{out}{suffix}").stat().st_size for suffix in (".bin", ".idx"))
+    print(f"{totals['samples']} samples, {totals['images']} images, {totals['codes']} codes; "
+          f"{len(skipped)} inputs skipped (see {out}.report.jsonl)")
+    print(f"{written:,} bytes written for {totals['source_bytes']:,} bytes of source images "
+          f"({written / max(totals['source_bytes'], 1):.2%}); "
+          f"{images_done / max(seconds, 1e-9):.1f} images/s on rank 0 this run")
+    fsq = tok.visual.head.quantizer.fsq
+    codebook = codebook_summary(codebook_counts(out, fsq.codebook_size), fsq)
+    Path(f"{out}.codebook.json").write_text(json.dumps(codebook))
+    if codebook:
+        print(f"codebook: {codebook['codebook_usage']:.1%} of the {fsq.codebook_size} codes used, perplexity "
+              f"{codebook['codebook_perplexity']:.0f} over {codebook['codes_seen']} codes (see {out}.codebook.json)")
+    return EXIT_SKIPPED if skipped else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from viq_megatron.config import ParallelConfig
     from viq_megatron.runtime.distributed import initialize, shutdown
-    from viq_megatron.tokenizer import TokenizerError, ViQTokenizer
+    from viq_megatron.tokenizer import ViQTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, type=Path, help="LLaVA JSON/JSONL file or a folder of images")
@@ -278,18 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: --shard-size: {args.shard_size} must be >= 1\n")
 
     initialize(ParallelConfig(), seed=0)
-    try:
+    with one_line_errors(parser):
+        check_writable(args.out)  # before any image is encoded
         tok = ViQTokenizer.load(args.tokenizer)
         text_tok = load_text_tokenizer(args.text_tokenizer)
-    except (TokenizerError, OSError, ValueError) as e:
-        parser.exit(2, f"error: {str(e).splitlines()[0]}\n")
-    items = read_inputs(args.input, args.root, args.allow_outside_root)
-    if args.overwrite and dist.get_rank() == 0:  # the others wait for rank 0's manifest in preprocess
-        remove_outputs(args.out)
-    try:
+        items = read_inputs(args.input, args.root, args.allow_outside_root)
+        if args.overwrite and dist.get_rank() == 0:  # the others wait for rank 0's manifest in preprocess
+            remove_outputs(args.out)
         status = preprocess(items, tok, text_tok, args.out, args.shard_size)
-    except ManifestMismatch as e:
-        parser.exit(2, f"error: {e}\n")
     shutdown()
     return status
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from viq_megatron.runtime.errors import InputError, read_text
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A one-line configuration error naming its source and key."""
 
 
@@ -69,6 +73,9 @@ class LLMArch:
     model_type: Literal["llama", "qwen2"] = "llama"
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "vocab_size", "max_sequence_length"):
+            _require(getattr(self, name) > 0, name, "must be positive")
         _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
         _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
@@ -109,6 +116,9 @@ class LLMConfig:
                  "set exactly one of model.llm.checkpoint (pretrained) and model.llm.arch (random init)")
         _require(self.tokenizer.kind == "sentencepiece" or bool(self.checkpoint), "tokenizer.kind",
                  "'checkpoint' needs model.llm.checkpoint; use 'sentencepiece' for a randomly initialised LLM")
+        _require(self.arch is None or self.tokenizer.sentencepiece_vocab_size <= self.arch.vocab_size,
+                 "tokenizer.sentencepiece_vocab_size", f"{self.tokenizer.sentencepiece_vocab_size} pieces do not fit "
+                 f"model.llm.arch.vocab_size={self.arch.vocab_size if self.arch else 0}")
 
 
 @dataclass
@@ -243,6 +253,10 @@ class DataConfig:
     # Square side of the frozen teacher's fixed-resolution input (self-distillation).
     teacher_image_size: int = 224
 
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_pack", "seq_length", "teacher_image_size"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+
 
 @dataclass
 class ParallelConfig:
@@ -275,6 +289,14 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_steps"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is above lr={self.lr}")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1",
+                 "Adam's betas must be in [0, 1)")
+        _require(self.adam_eps > 0, "adam_eps", "must be positive")
 
 
 @dataclass
@@ -314,7 +336,11 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "steps", "must be >= 1")
+        for name in ("steps", "log_every", "eval_batches", "codebook_every", "max_nonfinite_steps"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("eval_every", "save_every", "distill_weight", "reconstruct_weight", "pixel_weight"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (0: off)")
+        _require(self.output_dir.strip() != "", "output_dir", "must name a folder")
         _require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps every checkpoint)")
         _require(self.micro_batches >= 1, "micro_batches", "must be >= 1")
         _require(self.optimizer.warmup_steps < self.steps, "optimizer.warmup_steps",
@@ -337,7 +363,12 @@ class Config:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**32, "seed", f"{self.seed} is not in [0, 2**32)")
         patch = self.model.encoder.patch_size
+        _require(self.model.head is None or patch % 2 == 0, "model.encoder.patch_size",
+                 f"{patch} cannot be cut into the head's 2x2 sub-tokens (needs an even size)")
+        _require(self.model.decoder is None or patch == 16, "model.encoder.patch_size",
+                 f"{patch}: the pixel decoder draws 8x8 pixels per code, 2x2 codes per patch: needs 16")
         largest_image = self.data.image.max_pixels // (patch * patch)
         _require(self.data.tokens_per_pack >= largest_image, "data.tokens_per_pack",
                  f"{self.data.tokens_per_pack} cannot hold the largest image "
@@ -346,6 +377,12 @@ class Config:
                  "model.llm.lora.rank", "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1")
         _require(self.train.pixel_weight == 0 or (self.train.stage == "stage2" and self.model.decoder is not None),
                  "train.pixel_weight", "draws the stage-2 head's codes: needs train.stage stage2 and model.decoder")
+        stage = self.train.stage
+        _require(stage != "stage2" or self.model.head is not None, "model.head", "missing (train.stage stage2 trains it)")
+        _require(stage != "decoder" or (self.model.head is not None and self.model.decoder is not None),
+                 "model.decoder", "the decoder stage needs model.head and model.decoder")
+        _require(stage != "discrete" or bool(self.model.viq_tokenizer), "model.viq_tokenizer",
+                 "missing (the discrete stage embeds the codes with a ViQTokenizer directory's head)")
         _require(self.train.stage != "decoder" or self.parallel.pipeline_model_parallel_size == 1,
                  "parallel.pipeline_model_parallel_size", "the decoder stage has no LLM to split into stages")
         _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
@@ -377,13 +414,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            text = read_text(path, "config")
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+        data = parse_yaml(text, source) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
     overridden = [_apply_override(data, item) for item in overrides or []]
@@ -401,6 +435,37 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
         return _build(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice is an error (the second would silently win),
+    and `1e-3` is a float as in YAML 1.2 (YAML 1.1 wants a dot: `1.0e-3`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"{key}: given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Safe YAML with the rules of _StrictLoader; errors as one ConfigError line naming `source`."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply to read") from None
 
 
 def _apply_override(data: dict[str, Any], item: str) -> str:
@@ -423,8 +488,8 @@ def _apply_override(data: dict[str, Any], item: str) -> str:
             if not isinstance(node, dict):
                 raise ConfigError(f"command line: {'.'.join(parts[:i + 1])}: is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+        node[parts[-1]] = parse_yaml(raw, "command line") if raw else ""
+    except ConfigError:
         node[parts[-1]] = raw
     return key
 
@@ -466,7 +531,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -29,6 +29,7 @@ from viq_megatron.models.siglip import ENCODER, POOLING, WEIGHTS_FILE, read_enco
 from viq_megatron.models.specs import resolve_transformer_impl
 from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
+from viq_megatron.runtime.errors import one_line_errors
 
 log = logging.getLogger("viq_megatron.encode")
 
@@ -90,6 +91,9 @@ def load_images(cfg: Config) -> tuple[list[NativeImage], list[str]]:
     paths = find_images(cfg.data.images) if cfg.data.images else shipped_photos()
     images, skipped = [], []
     for path in paths:
+        if isinstance(path, ImageError):
+            skipped.append(str(path))
+            continue
         try:
             images.append(load_native_image(path, cfg.data.image, cfg.model.encoder.patch_size))
         except ImageError as e:
@@ -104,15 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
 
     setup_logging(initialize(cfg.parallel, cfg.seed).rank)
-    try:
+    with one_line_errors(parser):  # settings only checkable on this machine (TE, FP8), a bad checkpoint or path
         encoder, impl = build_encoder(cfg)
-    except ConfigError as e:  # settings only checkable against this machine (TE, FP8)
-        parser.exit(2, f"error: {e}\n")
+        images, skipped = load_images(cfg)
     encoder.eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = params_dtype(cfg.model.params_dtype)
 
-    images, skipped = load_images(cfg)
     for line in skipped:
         log.warning("skipped %s", line)
     packs = greedy_pack([im.num_patches for im in images], cfg.data.tokens_per_pack)

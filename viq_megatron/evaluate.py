@@ -48,6 +48,7 @@ from viq_megatron.data.multimodal import EncodedSample, encode_sample, pack_samp
 from viq_megatron.data.text import (IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, TextTokenizer, Turn,
                                     tokenize_conversation)
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
+from viq_megatron.runtime.errors import InputError, check_writable, one_line_errors
 
 log = logging.getLogger("viq_megatron.evaluate")
 
@@ -151,7 +152,7 @@ def load_text_tokenizer(cfg: Config, checkpoint: Path, path: str | None = None) 
     for folder in (checkpoint, *checkpoint.parents[:3]):  # a run dir, its checkpoints/ or one step
         if (folder / "tokenizer.model").is_file():
             return SentencePieceTokenizer(folder / "tokenizer.model")
-    raise FileNotFoundError(f"{checkpoint}: no tokenizer.model in the run (the SentencePiece tokenizer it "
+    raise InputError(f"{checkpoint}: no tokenizer.model in the run (the SentencePiece tokenizer it "
                             "trained with); pass --text-tokenizer")
 
 
@@ -350,22 +351,22 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_command_line(parser, argv, required=False)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         parser.exit(2, "error: --batch-size and --max-new-tokens must be >= 1\n")
-    try:  # the question file is checked before any model is built
-        if Path(f"{args.questions}.idx").is_file():
-            text = load_text_tokenizer(cfg, args.checkpoint, args.text_tokenizer)
-            questions = read_offline_questions(args.questions, text)
-        else:
+    offline = Path(f"{args.questions}.idx").is_file()
+    with one_line_errors(parser):  # questions, config, checkpoint and output are checked before any model is built
+        if not offline:
             questions = read_questions(args.questions, cfg.data.root, cfg.data.allow_outside_root)
-    except (SampleError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    setup_logging(initialize(cfg.parallel, cfg.seed).rank)
-    from viq_megatron.models.hf_llm import CheckpointError
-    from viq_megatron.tokenizer import TokenizerError
+        if cfg.model.llm is None:
+            raise ConfigError(f"{args.config or 'defaults'}: model.llm: missing (pass the run's --config)")
+        from viq_megatron.training.checkpoint import checkpoint_step
 
-    try:
+        checkpoint_step(args.checkpoint)
+        check_writable(args.out)
+        if offline:
+            questions = read_offline_questions(args.questions, load_text_tokenizer(cfg, args.checkpoint,
+                                                                                   args.text_tokenizer))
+    setup_logging(initialize(cfg.parallel, cfg.seed).rank)
+    with one_line_errors(parser):
         run(cfg, args.checkpoint, questions, args.out, args.batch_size, args.max_new_tokens, args.text_tokenizer)
-    except (ConfigError, FileNotFoundError, ImageError, CheckpointError, TokenizerError) as e:
-        parser.exit(2, f"error: {e}\n")
     shutdown()
     return 0
 

@@ -26,16 +26,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from viq_megatron.config import Config, ConfigError, ParallelConfig, config_from_dict
-from viq_megatron.data.images import ImageSource, load_native_image
+from viq_megatron.data.images import ImageError, ImageSource, load_native_image
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.pixel_decoder import blocks_to_image, patch_major, raster_order
 from viq_megatron.models.vit import row_blocked
+from viq_megatron.runtime.errors import InputError
 
 CONFIG_FILE = "viq_tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer directory that cannot be loaded; one line naming the file."""
 
 
@@ -136,7 +137,12 @@ class ViQTokenizer:
         loaded = [load_native_image(im, self.cfg.data.image, self.cfg.model.encoder.patch_size) for im in images]
         packed = PackedImages.from_images(loaded)
         head = self.visual.head
-        indices = head.indices(head.pre_quantization(self.visual.encoder(packed), packed))
+        bottleneck = head.pre_quantization(self.visual.encoder(packed), packed)
+        finite = torch.isfinite(bottleneck).flatten(1).all(1)
+        if not finite.all():  # NaN would round to an arbitrary code
+            bad = next(im for im, ok in zip(loaded, packed.split(finite)) if not ok.all())
+            raise ImageError(f"{bad.source}: the tokenizer's features are NaN or infinite; no codes for it")
+        indices = head.indices(bottleneck)
         out = []
         for image, part in zip(loaded, packed.split(indices)):
             gh, gw = image.grid
@@ -197,4 +203,7 @@ def read_tokenizer_files(directory: str | Path) -> tuple[Config, int, dict[str, 
         state = load_file(str(weights_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise TokenizerError(f"{weights_file}: not a readable safetensors file ({e})") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TokenizerError(f"{weights_file}: tensor {name} holds NaN or infinite values (a diverged run?)")
     return cfg, llm_hidden_size, state

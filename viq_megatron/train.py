@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from viq_megatron.config import ConfigError, parse_command_line
+from viq_megatron.config import parse_command_line
+from viq_megatron.runtime.errors import one_line_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,15 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_command_line(parser, argv)
     if cfg.model.llm is None:
         parser.exit(2, f"error: {args.config}: model.llm: missing (training needs an LLM)\n")
-    from viq_megatron.models.hf_llm import CheckpointError
     from viq_megatron.runtime.distributed import shutdown
     from viq_megatron.training.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
-    except (ConfigError, CheckpointError) as e:  # settings only checkable here (TE, FP8, sizes); a bad checkpoint
-        parser.exit(2, f"error: {e}\n")
-    trainer.train()
+    # Bad data, a bad checkpoint, settings only checkable here (TE, FP8, sizes), an unwritable or full disk.
+    with one_line_errors(parser):
+        Trainer(cfg).train()
     shutdown()
     return 0
 

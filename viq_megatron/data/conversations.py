@@ -10,18 +10,18 @@ root; one that escapes it is refused unless allowed. A malformed sample is a
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from viq_megatron.data.text import IMAGE_PLACEHOLDER, Turn
+from viq_megatron.runtime.errors import InputError, parse_json, read_text
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class SampleError(ValueError):
+class SampleError(InputError):
     """A malformed sample: one line naming the file and the sample index."""
 
 
@@ -94,27 +94,20 @@ def parse_sample(raw, root: Path, allow_outside_root: bool,
 
 def read_conversations(path: str | Path, root: str | Path | None = None, allow_outside_root: bool = False,
                        questions: bool = False) -> Iterator[Sample | SampleError]:
-    """Yields each sample, or a SampleError in its place; never stops early on a bad sample.
-    `questions`: read a question file (see parse_sample)."""
+    """Yields each sample, or a SampleError in its place; never stops early on a bad sample. A
+    file that cannot be read at all is an InputError. `questions`: read a question file (see parse_sample)."""
     path = Path(path)
     root = Path(root) if root else path.parent
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SampleError(f"{path}: cannot read ({e.strerror})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            entries = list(enumerate(json.loads(text)))
-        except json.JSONDecodeError as e:
-            raise SampleError(f"{path}: invalid JSON ({e})") from None
+    text = read_text(path, "data")
+    if text.lstrip().startswith("["):
+        entries = list(enumerate(parse_json(text, str(path))))
     else:
         entries = []
         for index, line in enumerate(l for l in text.splitlines() if l.strip()):
             try:
-                entries.append((index, json.loads(line)))
-            except json.JSONDecodeError as e:
-                entries.append((index, SampleError(f"{path}: sample {index}: invalid JSON ({e.msg})")))
+                entries.append((index, parse_json(line, f"{path}: sample {index}")))
+            except InputError as e:
+                entries.append((index, SampleError(str(e))))
     for index, raw in entries:
         if isinstance(raw, SampleError):
             yield raw

@@ -17,11 +17,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from viq_megatron.config import ImageConfig
+from viq_megatron.runtime.errors import InputError
 
 ImageSource = Union[str, os.PathLike, Image.Image]
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image that cannot be used; the message is one line naming the file."""
 
 
@@ -88,10 +89,16 @@ def open_rgb(source: ImageSource, rules: ImageConfig) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: PIL's convert("RGB") clips at 255 instead of rescaling.
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit and float grey: PIL's convert("RGB") clips at 255 instead of rescaling. Float
+        # images are 0..1 (black..white), or 0..255 when a value exceeds 1.
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        if not np.isfinite(array).all():
+            raise ValueError("NaN or infinite pixel values")
+        if image.mode == "F":
+            peak = 1.0 if array.max() <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -151,16 +158,27 @@ def native_patch_count(path: str | Path, rules: ImageConfig, patch: int) -> int:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def find_images(entries: list[str]) -> list[Path]:
-    """Files as listed; folders expanded to their image files (recursively, sorted)."""
-    paths: list[Path] = []
+def find_images(entries: list[str], allow_outside: bool = False) -> list[Path | ImageError]:
+    """Files as listed; folders expanded to their image files (recursively, sorted). In a folder,
+    a dangling symbolic link, or one that leads out of the folder (unless `allow_outside`), is an
+    ImageError in its place: reported, never silently left out."""
+    found: list[Path | ImageError] = []
     for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        else:
-            paths.append(path)  # a missing file is reported when it is loaded
-    return paths
+        folder = Path(entry)
+        if not folder.is_dir():
+            found.append(folder)  # a missing file is reported when it is loaded
+            continue
+        real_folder = os.path.realpath(folder)
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            target = os.path.realpath(path)
+            if path.is_symlink() and not os.path.exists(target):
+                found.append(ImageError(f"{path}: dangling symbolic link (to {os.readlink(path)})"))
+            elif not allow_outside and os.path.commonpath([real_folder, target]) != real_folder:
+                found.append(ImageError(f"{path}: symbolic link out of {folder} (to {target}); "
+                                        "allow links outside the folder to read it"))
+            elif os.path.isfile(target):
+                found.append(path)
+    return found
 
 
 def _describe(source: ImageSource) -> str:

@@ -27,6 +27,7 @@ from viq_megatron.data.conversations import Sample
 from viq_megatron.data.images import ImageError, NativeImage, native_patch_count, open_rgb, to_native, to_square
 from viq_megatron.data.packing import PackedImages, greedy_pack
 from viq_megatron.data.text import TextTokenizer, tokenize_conversation
+from viq_megatron.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ class PackedConversationDataset(PackedRows):
             self.samples.append(sample)
             lengths.append(length)
         if not self.samples:
-            raise ValueError("no usable samples")
+            files = sorted({s.source.rsplit(":", 1)[0] for s in samples}) or ["the data"]
+            raise InputError(f"{', '.join(files)}: no usable samples ({len(self.skipped)} skipped, see the warnings)")
         super().__init__(lengths, seq_length, seed, shuffle)
 
     def _skip(self, reason: str) -> None:
@@ -226,7 +228,7 @@ class PackedConversationDataset(PackedRows):
             except ImageError as e:
                 self._skip(f"{self.samples[i].source}: {e}")
         if not encoded:
-            raise ValueError(f"row {row}: every sample was skipped")
+            raise InputError(f"row {row}: every sample was skipped ({self.skipped[-1]})")
         return pack_samples(encoded)
 
 
@@ -255,7 +257,7 @@ class PackedTokenDataset(PackedRows):
             lengths.append(length)
             self.indices.append(i)
         if not lengths:
-            raise ValueError(f"{prefix}: no usable samples")
+            raise InputError(f"{prefix}: no usable samples ({len(self.skipped)} do not fit data.seq_length)")
         self.samples = self.indices
         super().__init__(lengths, seq_length, seed, shuffle)
 

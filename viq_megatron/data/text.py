@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
+from viq_megatron.runtime.errors import InputError, first_line
+
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -94,7 +96,10 @@ class HFTokenizer:
     def __init__(self, path: str | Path):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: not a readable Hugging Face tokenizer ({first_line(e)})") from None
         self.vocab_size = len(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id
 
@@ -140,7 +145,10 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         self.model_file = str(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (OSError, RuntimeError) as e:
+            raise InputError(f"{model_file}: not a readable SentencePiece model ({first_line(e)})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
 
@@ -153,9 +161,12 @@ class SentencePieceTokenizer:
 
         import sentencepiece as spm
 
+        texts = sorted(set(texts))
+        if not any(t.strip() for t in texts):
+            raise InputError(f"{model_prefix}.model: no text to train the SentencePiece tokenizer on")
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sorted(set(texts))), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
             model_type="unigram", character_coverage=1.0, byte_fallback=True, num_threads=1,
             shuffle_input_sentence=False, minloglevel=2, hard_vocab_limit=False)
         path = Path(f"{model_prefix}.model")

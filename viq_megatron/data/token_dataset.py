@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from viq_megatron.runtime.errors import InputError, first_line
+
 TEXT, ANSWER, GRID, CODES = 0, 1, 2, 3
 
 
@@ -72,16 +74,19 @@ class TokenDataset:
     def __init__(self, prefix: str | Path):
         for suffix in (".idx", ".bin"):
             if not os.path.isfile(f"{prefix}{suffix}"):
-                raise FileNotFoundError(f"{prefix}{suffix}: no such file (tools/preprocess_images.py writes the pair; "
-                                        "a merge it did not finish leaves none)")
-        self.data = IndexedDataset(str(prefix), multimodal=True)
+                raise InputError(f"{prefix}{suffix}: no such file (tools/preprocess_images.py writes the pair; "
+                                 "a merge it did not finish leaves none)")
+        try:
+            self.data = IndexedDataset(str(prefix), multimodal=True)
+        except Exception as e:  # noqa: BLE001 - Megatron-Core asserts on a damaged header
+            raise InputError(f"{prefix}.idx: not a token dataset index ({first_line(e)})") from None
         self.documents = self.data.document_indices
         index = self.data.index
         expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
                     if len(index.sequence_lengths) else 0)
         actual = os.path.getsize(f"{prefix}.bin")
         if actual != expected:
-            raise ValueError(f"{prefix}.bin: {actual} bytes, but {prefix}.idx describes {expected}: the pair does "
+            raise InputError(f"{prefix}.bin: {actual} bytes, but {prefix}.idx describes {expected}: the pair does "
                              "not belong together (rerun tools/preprocess_images.py)")
 
     def __len__(self) -> int:

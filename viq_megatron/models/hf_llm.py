@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from viq_megatron.config import LLMArch
+from viq_megatron.runtime.errors import InputError
 
 ARCH_FILE = "llm_arch.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; one line naming the file and the tensor."""
 
 

@@ -18,6 +18,7 @@ nothing that could run code (`verify_checkpoint`).
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -30,9 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.runtime.distributed import is_main_process
+from viq_megatron.runtime.errors import first_line
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete"
@@ -120,10 +123,16 @@ def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_st
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(sharded_state, str(staging))
-    torch.save(_rng_state(), staging / f"rng_rank{dist.get_rank()}.pt")
-    if is_main_process():
-        torch.save(trainer_state, staging / "trainer.pt")
+    try:
+        dist_checkpointing.save(sharded_state, str(staging))
+        torch.save(_rng_state(), staging / f"rng_rank{dist.get_rank()}.pt")
+        if is_main_process():
+            torch.save(trainer_state, staging / "trainer.pt")
+    except (CheckpointException, RuntimeError, OSError) as e:
+        # torch's writers lose the OSError (a worker's, or a zip writer's RuntimeError): say what can be known.
+        reason = "" if isinstance(e, CheckpointException) else f"; {first_line(e)}"
+        raise OSError(getattr(e, "errno", None) or errno.EIO, "the checkpoint could not be written "
+                      f"({shutil.disk_usage(root).free / 2**20:.0f} MiB free there{reason})", str(staging)) from None
     dist.barrier()
     if is_main_process():
         for path in staging.iterdir():
@@ -164,7 +173,7 @@ def checkpoint_step(path: str | Path) -> Path:
         if steps := _step_folders(path / "checkpoints") or _step_folders(path):
             raise CheckpointError(f"{path}: no whole checkpoint there; the newest, {steps[0].name}: "
                                   f"{checkpoint_problem(steps[0])}")
-        raise FileNotFoundError(f"{path}: no checkpoint there")
+        raise CheckpointError(f"{path}: no checkpoint there")
     if (problem := checkpoint_problem(step, marked=True)) is not None:  # a step folder named directly
         raise CheckpointError(f"{step}: not a whole checkpoint: {problem}")
     verify_checkpoint(step)

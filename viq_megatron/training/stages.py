@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from viq_megatron.config import Config
+from viq_megatron.config import Config, ConfigError
 from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.encode import build_encoder, build_pooling_head, params_dtype
 from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
@@ -146,8 +146,6 @@ def build_stage2(cfg: Config) -> Stage:
     progressive bridge), trained by the caption loss, distillation toward the (frozen)
     stage-1 encoder's pooled features and an optional reconstruction of its tokens.
     Initialised from a stage-1 checkpoint (train.init_from)."""
-    if cfg.model.head is None:
-        raise ValueError("stage2 needs model.head")
     llm = build_llm_from_config(cfg)
     visual = build_visual_tokenizer(cfg, llm[0].config.hidden_size)
     head = visual.head
@@ -241,8 +239,6 @@ def build_pixel_decoder(cfg: Config) -> PixelDecoder:
 def build_decoder_stage(cfg: Config) -> Stage:
     """The pixel decoder learns to draw a frozen tokenizer's codes (train.init_from a stage-2 run;
     freeze [visual]): L1 + SSIM, with PSNR reported."""
-    if cfg.model.head is None or cfg.model.decoder is None:
-        raise ValueError("the decoder stage needs model.head and model.decoder")
     model = ReconstructionModel(build_visual_tokenizer(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
                                 cfg.data.image.mean, cfg.data.image.std)
 
@@ -283,13 +279,11 @@ def build_discrete(cfg: Config) -> Stage:
     from viq_megatron.models.sharding import load_full_state_dict
     from viq_megatron.tokenizer import read_tokenizer_files
 
-    if not cfg.model.viq_tokenizer:
-        raise ValueError("the discrete stage needs model.viq_tokenizer (a ViQTokenizer directory)")
     llm = build_llm_from_config(cfg)
     saved, llm_hidden_size, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
     new_projector = cfg.model.projector == "new"
     if llm_hidden_size != llm[0].config.hidden_size and not new_projector:
-        raise ValueError(f"{cfg.model.viq_tokenizer}: its projector feeds width {llm_hidden_size}, "
+        raise ConfigError(f"{cfg.model.viq_tokenizer}: its projector feeds width {llm_hidden_size}, "
                          f"the LLM has {llm[0].config.hidden_size} (model.projector=new trains a new one)")
     tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head))
     head = build_head(tokenizer_cfg)

@@ -30,18 +30,20 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from viq_megatron.config import Config
+from viq_megatron.config import Config, ConfigError
 from viq_megatron.data.conversations import SampleError, read_conversations
 from viq_megatron.data.embedded import write_embedded_dataset
 from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset, PackedTokenDataset
 from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
 from viq_megatron.encode import params_dtype
 from viq_megatron.models.flops import peak_flops
+from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.models.lora import is_adapter
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
+from viq_megatron.runtime.errors import InputError, check_writable, writing
 from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, load_shared_weights, save_checkpoint
 from viq_megatron.training.logs import MetricsLog
-from viq_megatron.training.stages import STAGES
+from viq_megatron.training.stages import STAGES, llm_arch
 from viq_megatron.training.torch_adam_resume import materialize_adam_state
 
 log = logging.getLogger("viq_megatron.train")
@@ -89,6 +91,8 @@ class Trainer:
         env = initialize(cfg.parallel, cfg.seed)
         setup_logging(env.rank)
         self.output_dir = Path(cfg.train.output_dir)
+        if is_main_process():
+            check_writable(self.output_dir / "metrics.jsonl")  # before any work
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
@@ -112,7 +116,7 @@ class Trainer:
             [sum(p.numel() for c in chunks for p in c.parameters()),
              sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)], pipeline=True)
         if trainable == 0:
-            raise ValueError(f"train.freeze={cfg.train.freeze} leaves nothing to train")
+            raise ConfigError(f"train.freeze: {cfg.train.freeze} leaves nothing to train")
         parallel = cfg.parallel
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
@@ -181,10 +185,14 @@ class Trainer:
         if "embedded" in (cfg.data.train, cfg.data.val):
             folder = self.output_dir / "embedded_data"
             if is_main_process():
-                write_embedded_dataset(folder, cfg.data.embedded, cfg.seed)
+                with writing(folder):
+                    write_embedded_dataset(folder, cfg.data.embedded, cfg.seed)
             dist.barrier()
             embedded = (folder / "train.jsonl", folder / "val.jsonl")
         train_samples = _read_split(cfg, "train", embedded, self.counters)
+        if not train_samples:  # rather than SentencePiece's or the packer's error about nothing
+            raise InputError(f"{embedded[0] if cfg.data.train == 'embedded' else cfg.data.train}: no usable training "
+                             f"sample ({self.counters['malformed']} malformed, see the warnings above)")
         val_samples = _read_split(cfg, "val", embedded, self.counters)
         tokenizer = self._build_tokenizer(train_samples)
         teacher_side = cfg.data.teacher_image_size if cfg.train.stage == "stage1" else None  # only stage 1's teacher
@@ -196,20 +204,24 @@ class Trainer:
     def _build_tokenizer(self, train_samples):
         llm = self.cfg.model.llm
         if llm.tokenizer.kind == "checkpoint":
-            return HFTokenizer(Path(llm.checkpoint) / "tokenizer")
-        prefix = self.output_dir / "tokenizer"
-        if is_main_process():
-            if llm.tokenizer.sentencepiece_model:  # the run keeps a copy, as evaluation looks for it there
-                prefix.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(llm.tokenizer.sentencepiece_model, f"{prefix}.model")
-            else:
-                SentencePieceTokenizer.train((t.text for s in train_samples for t in s.turns),
-                                             llm.tokenizer.sentencepiece_vocab_size, prefix)
-        dist.barrier()
-        tokenizer = SentencePieceTokenizer(f"{prefix}.model")
-        if tokenizer.vocab_size > llm.arch.vocab_size:
-            raise ValueError(f"model.llm.arch.vocab_size={llm.arch.vocab_size} is below the tokenizer's "
-                             f"{tokenizer.vocab_size} pieces")
+            source = Path(llm.checkpoint) / "tokenizer"
+            tokenizer = HFTokenizer(source)
+        else:
+            source = self.output_dir / "tokenizer.model"
+            if is_main_process():
+                if llm.tokenizer.sentencepiece_model:  # the run keeps a copy, as evaluation looks for it there
+                    source.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(llm.tokenizer.sentencepiece_model, source)
+                else:
+                    SentencePieceTokenizer.train((t.text for s in train_samples for t in s.turns),
+                                                 llm.tokenizer.sentencepiece_vocab_size, source.with_suffix(""))
+            dist.barrier()
+            tokenizer = SentencePieceTokenizer(source)
+        vocab_size = llm_arch(self.cfg).vocab_size
+        if tokenizer.vocab_size > vocab_size:  # ids past the embedding table would index out of range
+            raise ConfigError(f"{llm.tokenizer.sentencepiece_model or source}: its {tokenizer.vocab_size} tokens do not "
+                              f"fit the LLM's vocabulary of "
+                              f"{vocab_size} (model.llm)")
         return tokenizer
 
     @property
@@ -245,15 +257,12 @@ class Trainer:
 
     def init_from(self, path: Path) -> None:
         """Loads the weights this model shares with an earlier stage's checkpoint."""
-        try:
-            # A new projector (for another LLM than the checkpoint's) starts from its initialisation.
-            exclude = ("visual.projector.",) if self.cfg.model.projector == "new" else ()
-            loaded, wanted = load_shared_weights([chunk.module for chunk in self.model], path, exclude=exclude)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"train.init_from: {e}") from None
+        # A new projector (for another LLM than the checkpoint's) starts from its initialisation.
+        exclude = ("visual.projector.",) if self.cfg.model.projector == "new" else ()
+        loaded, wanted = load_shared_weights([chunk.module for chunk in self.model], path, exclude=exclude)
         loaded, wanted = self._global_sum([loaded, wanted], pipeline=True)
         if loaded == 0:
-            raise ValueError(f"{path}: shares no weights with stage {self.cfg.train.stage}")
+            raise CheckpointError(f"{path}: shares no weights with stage {self.cfg.train.stage} (train.init_from)")
         log.info("initialised %d tensors from %s (%d others not in it)", loaded, path, wanted - loaded)
         self.stage.on_init_from()
 
