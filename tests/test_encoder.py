@@ -5,7 +5,7 @@ import torch
 
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.encode import build_encoder
+from viq_megatron.models.provider import build_encoder
 from conftest import make_image, tiny_config
 
 

@@ -1,4 +1,3 @@
-import io
 import math
 
 import numpy as np

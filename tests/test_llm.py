@@ -95,7 +95,7 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
     from viq_megatron.data.conversations import Sample
     from viq_megatron.data.multimodal import encode_sample, pack_samples
     from viq_megatron.data.text import SentencePieceTokenizer, Turn
-    from viq_megatron.encode import build_encoder
+    from viq_megatron.models.provider import build_encoder
     from viq_megatron.models.multimodal import EncoderVisualInput, Projector, VisionLanguageModel
     from conftest import make_image, tiny_train_config
 
@@ -162,3 +162,28 @@ def test_lora_starts_at_the_base_model_and_equals_merged_weights(tmp_path, megat
     assert torch.allclose(logits(adapted), logits(merged), atol=1e-4)
     with pytest.raises(ConfigError, match="LoRA adapters are not tensor-parallel yet"):
         load_config(None, [*TINY_TRAIN, "model.llm.lora.rank=4", "parallel.tensor_model_parallel_size=2"])
+
+
+def test_lora_refuses_linears_that_fuse_their_layer_norm(megatron_world):
+    """Under Transformer Engine, linear_qkv and linear_fc1 are LayerNormLinear modules (they hold
+    `layer_norm_weight`): the hook would see the un-normalised input and the merged weight would be
+    another model. TE does not run here, so a module carrying that attribute stands in for it; the
+    adapter still goes on plain linears of the same model."""
+    from viq_megatron.config import ConfigError, LoRAConfig, load_config
+    from viq_megatron.models.lora import add_lora
+    from conftest import TINY_TRAIN
+
+    class FusedNormLinear(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(8, 8)
+            self.layer_norm_weight = torch.nn.Parameter(torch.ones(8))
+
+    layer = torch.nn.Module()
+    layer.linear_qkv, layer.linear_proj = FusedNormLinear(), torch.nn.Linear(8, 8)
+    with pytest.raises(ConfigError, match=r"lora\.targets: linear_qkv fuses its layer norm"):
+        add_lora(layer, LoRAConfig(rank=2))
+    assert add_lora(layer, LoRAConfig(rank=2, targets=["linear_proj"])) == 1
+    with pytest.raises(ConfigError, match=r"\['linear_fc1', 'linear_qkv'\] fuse their layer norm"):
+        load_config(None, [*TINY_TRAIN, "model.llm.lora.rank=4", "model.transformer_impl=transformer_engine"])
+    load_config(None, [*TINY_TRAIN, "model.llm.lora.rank=4", "model.transformer_impl=transformer_engine",
+                       "model.llm.lora.targets=[linear_proj, linear_fc2]"])

@@ -13,7 +13,7 @@ def test_parameter_counts_equal_the_built_models(megatron_world, tied, bias):
     sys.path.insert(0, str(ROOT / "tools"))
     from plan_layout import encoder_parameters, llm_parameters
 
-    from viq_megatron.encode import build_encoder
+    from viq_megatron.models.provider import build_encoder
     from viq_megatron.models.llm import build_llm
 
     arch = LLMArch(64, 3, 4, 2, 96, 200, qkv_bias=bias, tie_word_embeddings=tied)

@@ -59,7 +59,7 @@ def convert(source, out, *extra) -> None:
 def ours(directory, side, patches, grids):
     """Our encoder (and pooling head) from a converted directory, at TP=1."""
     from viq_megatron.data.packing import PackedImages
-    from viq_megatron.encode import build_encoder, build_pooling_head
+    from viq_megatron.models.provider import build_encoder, build_pooling_head
 
     cfg = tiny_config(*encoder_overrides(directory, side))
     encoder, _ = build_encoder(cfg)
@@ -154,7 +154,7 @@ def test_missing_or_misshaped_tensor_is_one_line_naming_it(naflex, tmp_path, cap
 
 def test_config_sizes_must_agree_with_the_converted_encoder(naflex, megatron_world):
     from viq_megatron.config import ConfigError
-    from viq_megatron.encode import build_encoder
+    from viq_megatron.models.provider import build_encoder
 
     folder, _ = naflex
     with pytest.raises(ConfigError, match="model.encoder.position_embedding_size: 8 differs"):

@@ -17,7 +17,8 @@ import torch
 import viq_megatron  # noqa: F401
 from viq_megatron.config import parse_command_line
 from viq_megatron.data.packing import PackedImages, greedy_pack
-from viq_megatron.encode import build_encoder, load_images
+from viq_megatron.encode import load_images
+from viq_megatron.models.provider import build_encoder
 from viq_megatron.runtime import cpu_compat
 from viq_megatron.runtime.distributed import initialize, shutdown
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import viq_megatron  # noqa: F401
 from viq_megatron.config import parse_command_line
 from viq_megatron.data.packing import PackedImages, greedy_pack
-from viq_megatron.encode import build_encoder, load_images, params_dtype
+from viq_megatron.encode import load_images
+from viq_megatron.models.provider import build_encoder, params_dtype
 from viq_megatron.runtime.distributed import initialize, shutdown
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import viq_megatron  # noqa: E402,F401
 from viq_megatron.models import hf_llm  # noqa: E402
+from viq_megatron.models.files import WEIGHTS_FILE  # noqa: E402
 from viq_megatron.models.pretrained import import_hf_llm  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def export(checkpoint: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = hf_llm.read_arch(checkpoint)
-    weights = hf_llm.megatron_to_hf(load_file(str(checkpoint / hf_llm.WEIGHTS_FILE)), arch)
+    weights = hf_llm.megatron_to_hf(load_file(str(checkpoint / WEIGHTS_FILE)), arch)
     params = hf_llm.hf_config_dict(arch)
     config = AutoConfig.for_model(params.pop("model_type"), **params)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=next(iter(weights.values())).dtype)

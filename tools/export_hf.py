@@ -61,7 +61,8 @@ def save_visual(model, visual_cfg, impl: str, out: Path) -> None:
     """The visual input's weights (TP=1) and the config that rebuilds it (hf_adapter.ViQVisual)."""
     from safetensors.torch import save_file
 
-    from viq_megatron.hf_adapter import CONFIG_FILE, WEIGHTS_FILE
+    from viq_megatron.hf_adapter import CONFIG_FILE
+    from viq_megatron.models.files import WEIGHTS_FILE, visual_config
     from viq_megatron.models.sharding import full_state_dict
 
     out.mkdir(parents=True, exist_ok=True)
@@ -69,19 +70,16 @@ def save_visual(model, visual_cfg, impl: str, out: Path) -> None:
     weights = {k: v.contiguous() for k, v in full_state_dict(model.visual).items()
                if not k.startswith(training_only) and not k.endswith("_extra_state")}
     save_file(weights, str(out / WEIGHTS_FILE))
-    head = getattr(model.visual, "head", None)
-    config = {"visual": "encoder" if head is None else "quantized", "llm_hidden_size": model.llm.config.hidden_size,
-              # These weights replace an imported encoder's: init_from is not carried.
-              "model": {"encoder": {**dataclasses.asdict(visual_cfg.model.encoder), "init_from": ""},
-                        "head": dataclasses.asdict(visual_cfg.model.head) if head is not None else None,
-                        "params_dtype": visual_cfg.model.params_dtype, "transformer_impl": impl},
-              "data": {"image": dataclasses.asdict(visual_cfg.data.image),
-                       "tokens_per_pack": visual_cfg.data.tokens_per_pack}}
+    head = getattr(model.visual, "head", None) is not None
+    config = visual_config(visual_cfg, model.llm.config.hidden_size, head=head)
+    config["visual"] = "quantized" if head else "encoder"
+    config["model"]["transformer_impl"] = impl
+    config["data"]["tokens_per_pack"] = visual_cfg.data.tokens_per_pack
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from viq_megatron.config import ConfigError, ParallelConfig, parse_command_line
+    from viq_megatron.config import ParallelConfig, parse_command_line
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run's output_dir, or one of its checkpoints")
@@ -91,14 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     from viq_megatron.data.text import HFTokenizer
     from viq_megatron.evaluate import load_model, load_text_tokenizer, stop_ids
     from viq_megatron.hf_adapter import TEXT_TOKENIZER_FILE, VISUAL_DIR
-    from viq_megatron.models.hf_llm import CheckpointError
+    from viq_megatron.models.provider import llm_arch
     from viq_megatron.models.specs import resolve_transformer_impl
     from viq_megatron.runtime.distributed import initialize
-    from viq_megatron.tokenizer import TokenizerError
-    from viq_megatron.training.stages import llm_arch
+    from viq_megatron.runtime.errors import one_line_errors
 
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())  # one process holds the whole model
-    try:
+    with one_line_errors(parser):
         initialize(cfg.parallel, cfg.seed, environ={})
         text = load_text_tokenizer(cfg, args.checkpoint, args.text_tokenizer)
         model, visual_cfg = load_model(cfg, args.checkpoint)
@@ -106,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         save_hf_llm(llm_weights(model.llm, lora.alpha / lora.rank if lora.rank else 0.0), llm_arch(cfg),
                     [text.eos_id, *sorted(stop_ids(text) - {text.eos_id})], args.out)
         save_visual(model, visual_cfg, resolve_transformer_impl(cfg.model.transformer_impl), args.out / VISUAL_DIR)
-    except (ConfigError, FileNotFoundError, CheckpointError, TokenizerError) as e:
-        parser.exit(2, f"error: {e}\n")
     if isinstance(text, HFTokenizer):
         text.tokenizer.save_pretrained(args.out)
     else:

@@ -20,7 +20,8 @@ import viq_megatron  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> int:
     from viq_megatron.config import parse_command_line
-    from viq_megatron.models.hf_llm import read_arch
+    from viq_megatron.models.provider import llm_arch
+    from viq_megatron.runtime.errors import one_line_errors
     from viq_megatron.training.checkpoint import load_shared_weights
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,21 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_command_line(parser, argv, required=False)
     from viq_megatron.tokenizer import ViQTokenizer
 
-    llm = cfg.model.llm
-    hidden = read_arch(llm.checkpoint).hidden_size if llm.checkpoint else llm.arch.hidden_size
     if args.decoder_checkpoint is None:
         cfg.model.decoder = None
-    tok = ViQTokenizer(cfg, hidden)
-    sources = [(tok.visual, "visual.", args.checkpoint)]
-    if args.decoder_checkpoint is not None:
-        sources.append((tok.decoder, "decoder.", args.decoder_checkpoint))
-    for module, prefix, path in sources:
-        loaded, expected = load_shared_weights([module], path, prefix)
-        if loaded < expected:
-            print(f"error: {path}: holds {loaded} of the {expected} tensors of {prefix.rstrip('.')}", file=sys.stderr)
-            return 2
-        print(f"{path}: {loaded} tensors")
-    tok.save(args.out)
+    with one_line_errors(parser):
+        tok = ViQTokenizer(cfg, llm_arch(cfg).hidden_size)
+        sources = [(tok.visual, "visual.", args.checkpoint)]
+        if args.decoder_checkpoint is not None:
+            sources.append((tok.decoder, "decoder.", args.decoder_checkpoint))
+        for module, prefix, path in sources:
+            loaded, expected = load_shared_weights([module], path, prefix)
+            if loaded < expected:
+                parser.exit(2, f"error: {path}: holds {loaded} of the {expected} tensors of {prefix.rstrip('.')}\n")
+            print(f"{path}: {loaded} tensors")
+        tok.save(args.out)
     print(f"wrote {args.out}")
     return 0
 

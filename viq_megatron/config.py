@@ -375,6 +375,11 @@ class Config:
                  f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})")
         _require(self.model.llm is None or self.model.llm.lora.rank == 0 or self.parallel.tensor_model_parallel_size == 1,
                  "model.llm.lora.rank", "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1")
+        fused_norm_targets = {"linear_qkv", "linear_fc1"} & set(self.model.llm.lora.targets) if self.model.llm else ()
+        _require(self.model.transformer_impl != "transformer_engine" or not fused_norm_targets
+                 or self.model.llm.lora.rank == 0, "model.llm.lora.targets",
+                 f"{sorted(fused_norm_targets)} fuse their layer norm under Transformer Engine (an adapter there would "
+                 "not merge into the weight): target linear_proj/linear_fc2 only, or use transformer_impl local")
         _require(self.train.pixel_weight == 0 or (self.train.stage == "stage2" and self.model.decoder is not None),
                  "train.pixel_weight", "draws the stage-2 head's codes: needs train.stage stage2 and model.decoder")
         stage = self.train.stage

@@ -9,7 +9,6 @@ data-parallel ranks, and each pack is encoded by its tensor-parallel group.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -17,73 +16,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from viq_megatron.config import Config, ConfigError, EncoderConfig, parse_command_line
+from viq_megatron.config import Config, parse_command_line
 from viq_megatron.data.embedded import shipped_photos
 from viq_megatron.data.images import ImageError, NativeImage, find_images, load_native_image
 from viq_megatron.data.packing import PackedImages, greedy_pack
 from viq_megatron.models.flops import peak_flops, vit_forward_flops
-from viq_megatron.models.hf_llm import CheckpointError
-from viq_megatron.models.pooling import AttentionPooling
-from viq_megatron.models.sharding import load_full_state_dict
-from viq_megatron.models.siglip import ENCODER, POOLING, WEIGHTS_FILE, read_encoder_checkpoint
-from viq_megatron.models.specs import resolve_transformer_impl
-from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
+from viq_megatron.models.provider import build_encoder, params_dtype
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
 from viq_megatron.runtime.errors import one_line_errors
 
 log = logging.getLogger("viq_megatron.encode")
-
-
-def params_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
-
-
-def _pretrained_encoder(cfg: EncoderConfig, prefix: str) -> tuple[bool, dict[str, torch.Tensor]]:
-    """(has a pooling head, its tensors under `prefix`) of model.encoder.init_from, whose sizes
-    must be the config's."""
-    saved, has_head, weights = read_encoder_checkpoint(cfg.init_from, prefix)
-    for field in dataclasses.fields(saved):
-        if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg, field.name):
-            raise ConfigError(f"model.encoder.{field.name}: {getattr(cfg, field.name)} differs from "
-                              f"{cfg.init_from}/encoder.json ({getattr(saved, field.name)})")
-    return has_head, weights
-
-
-def build_encoder(cfg: Config, pretrained: bool = True) -> tuple[NativeResolutionViT, str]:
-    """The encoder, from model.encoder.init_from's weights when set and `pretrained` (split for
-    this TP size)."""
-    impl = resolve_transformer_impl(cfg.model.transformer_impl)
-    config = encoder_transformer_config(cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
-                                        params_dtype(cfg.model.params_dtype), impl, cfg.model.fp8)
-    # Norms and the patch embedding are created in fp32; the whole encoder runs in params_dtype.
-    encoder = NativeResolutionViT(cfg.model.encoder, config, impl).to(config.params_dtype)
-    if cfg.model.encoder.init_from and pretrained:
-        _, weights = _pretrained_encoder(cfg.model.encoder, ENCODER)
-        try:
-            load_full_state_dict(encoder, {k: v.to(config.params_dtype) for k, v in weights.items()})
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{cfg.model.encoder.init_from}/{WEIGHTS_FILE}: {e}") from None
-    return (encoder.cuda() if torch.cuda.is_available() else encoder), impl
-
-
-def build_pooling_head(cfg: Config) -> AttentionPooling | None:
-    """The frozen attention-pooling head of model.encoder.init_from, if it kept one."""
-    enc = cfg.model.encoder
-    if not enc.init_from:
-        return None
-    has_head, weights = _pretrained_encoder(enc, POOLING)
-    if not has_head:
-        return None
-    head = AttentionPooling(enc.hidden_size, enc.num_attention_heads, enc.ffn_hidden_size, enc.layernorm_epsilon,
-                            params_dtype(cfg.model.params_dtype))
-    try:
-        head.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{enc.init_from}/{WEIGHTS_FILE}: {str(e).splitlines()[-1].strip()}") from None
-    head.requires_grad_(False)
-    return head.cuda() if torch.cuda.is_available() else head
 
 
 def load_images(cfg: Config) -> tuple[list[NativeImage], list[str]]:

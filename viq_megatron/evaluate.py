@@ -40,15 +40,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from megatron.core.packed_seq_params import PackedSeqParams
+from tqdm import tqdm
 
 from viq_megatron.config import Config, ConfigError, ImageConfig, parse_command_line
 from viq_megatron.data.conversations import Sample, SampleError, read_conversations
 from viq_megatron.data.images import ImageError
-from viq_megatron.data.multimodal import EncodedSample, encode_sample, pack_samples
+from viq_megatron.data.multimodal import EncodedSample, encode_sample, offline_sample, pack_samples
 from viq_megatron.data.text import (IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, TextTokenizer, Turn,
                                     tokenize_conversation)
+from viq_megatron.data.token_dataset import TokenDataset
+from viq_megatron.models.hf_llm import CheckpointError
+from viq_megatron.models.provider import load_prefixed, quantized_input, tokenizer_config
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
 from viq_megatron.runtime.errors import InputError, check_writable, one_line_errors
+from viq_megatron.training.checkpoint import checkpoint_step, left_out, load_shared_weights
+from viq_megatron.training.stages import STAGES
 
 log = logging.getLogger("viq_megatron.evaluate")
 
@@ -97,9 +107,6 @@ def read_questions(path: str | Path, root: str | None = None, allow_outside_root
 def read_offline_questions(prefix: str | Path, tokenizer: TextTokenizer) -> list[Question]:
     """The first question of each sample of an offline token dataset (tools/preprocess_images.py):
     its tokens up to the first answer, its images as ViQ codes; the reference is that answer."""
-    from viq_megatron.data.multimodal import offline_sample
-    from viq_megatron.data.token_dataset import TokenDataset
-
     data, stop, questions = TokenDataset(prefix), stop_ids(tokenizer), []
     for index in range(len(data)):
         sample = offline_sample(data[index], f"{prefix}:{index}")
@@ -163,15 +170,6 @@ def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
     through the tokenizer, else offline codes as in training. Collective (every rank calls it). A
     tensor the model needs that neither the checkpoint nor a pretrained source provides is a
     one-line error."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-    from viq_megatron.models.hf_llm import CheckpointError
-    from viq_megatron.models.lora import is_adapter
-    from viq_megatron.training.checkpoint import checkpoint_step, load_shared_weights
-    from viq_megatron.training.stages import STAGES
-
     if cfg.model.llm is None:
         raise ConfigError("model.llm: missing (answering questions needs an LLM)")
     if cfg.train.stage not in ANSWERING_STAGES:
@@ -181,20 +179,18 @@ def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
     step = checkpoint_step(checkpoint)
     stage = STAGES[cfg.train.stage](cfg)
     model, visual_cfg = stage.chunks[0], cfg
-    pretrained = set()  # key prefixes whose weights come from elsewhere when the checkpoint lacks them
-    if cfg.model.llm.checkpoint:
-        pretrained.add("llm.")
+    elsewhere = set()  # key prefixes the model has without the checkpoint
     if cfg.train.stage == "stage1":
-        pretrained.update(("visual.teacher.", "visual.pooling."))  # training only
+        elsewhere.update(("visual.teacher.", "visual.pooling."))  # training only
     if not online and cfg.train.stage != "discrete":
         raise ConfigError(f"train.stage: offline ViQ codes are read by a discrete-stage model, not {cfg.train.stage}")
     if cfg.train.stage == "discrete" and online:
         visual_cfg = _online_tokenizer(cfg, model)
-        pretrained.add("visual.")
+        elsewhere.add("visual.")
     available = dist_checkpointing.load_tensors_metadata(str(step))
     missing = [v.key for v in model.sharded_state_dict().values()
                if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.key not in available
-               and not (v.key.startswith(tuple(pretrained)) and not is_adapter(v.key))]
+               and not left_out(cfg, v.key) and not v.key.startswith(tuple(elsewhere))]
     if missing:
         raise CheckpointError(f"{step}: tensor {missing[0]} is missing (not a checkpoint of this "
                               f"config's {cfg.train.stage} model?)")
@@ -208,17 +204,10 @@ def _online_tokenizer(cfg: Config, model) -> Config:
     """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head (its weights;
     the run's checkpoint then overrides the head and holds the projector it trained).
     Returns `cfg` with the tokenizer's encoder, head and image rules (the codes were made with them)."""
-    from viq_megatron.models.sharding import load_full_state_dict
-    from viq_megatron.tokenizer import read_tokenizer_files
-    from viq_megatron.training.stages import build_visual_tokenizer
-
-    saved, _, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
-    tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head),
-                            data=replace(cfg.data, image=saved.data.image))
-    model.visual = build_visual_tokenizer(tokenizer_cfg, model.llm.config.hidden_size)
-    for name, module in (("encoder", model.visual.encoder), ("head", model.visual.head)):  # the run has the projector
-        prefix = f"visual.{name}."
-        load_full_state_dict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    tokenizer_cfg, _, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
+    model.visual = quantized_input(tokenizer_cfg, model.llm.config.hidden_size)
+    for part in ("encoder", "head"):  # the run has the projector
+        load_prefixed(getattr(model.visual, part), weights, f"visual.{part}.")
     return tokenizer_cfg
 
 
@@ -228,8 +217,6 @@ def next_token_logits(llm, sequences: list[list[int]], slots: list[list[int]],
     all packed into one row: the training forward pass (visual embeddings in the slots,
     attention and RoPE positions per sequence) with logits instead of a loss, gathered over
     tensor-parallel ranks. `visual`: the embeddings of all slots, sequence after sequence."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     device = next(llm.parameters()).device
     lengths = [len(s) for s in sequences]
     starts = [0, *itertools.accumulate(lengths)]
@@ -276,8 +263,6 @@ def answer_questions(model, questions: list[Question], tokenizer: TextTokenizer,
                      batch_size: int, max_new_tokens: int, progress: bool = False) -> list[dict]:
     """One result per question, in the given order; an unusable image is a one-line ImageError
     naming the sample."""
-    from tqdm import tqdm
-
     results, stop = [], stop_ids(tokenizer)
     with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
@@ -294,8 +279,6 @@ def answer_data_parallel(model, questions: list[Question], tokenizer: TextTokeni
                          batch_size: int, max_new_tokens: int) -> list[dict]:
     """answer_questions with the questions split over the data-parallel ranks; every result, in
     question order, on rank 0 (an empty list elsewhere). Collective."""
-    from megatron.core import parallel_state
-
     rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mine = answer_questions(model, questions[rank::size], tokenizer, visual_cfg.data.image,
                             visual_cfg.model.encoder.patch_size, batch_size, max_new_tokens,
@@ -357,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
             questions = read_questions(args.questions, cfg.data.root, cfg.data.allow_outside_root)
         if cfg.model.llm is None:
             raise ConfigError(f"{args.config or 'defaults'}: model.llm: missing (pass the run's --config)")
-        from viq_megatron.training.checkpoint import checkpoint_step
-
         checkpoint_step(args.checkpoint)
         check_writable(args.out)
         if offline:

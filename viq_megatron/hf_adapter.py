@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file
 
 from viq_megatron.config import ConfigError, config_from_dict
 from viq_megatron.data.conversations import Sample
@@ -47,10 +48,13 @@ from viq_megatron.data.images import ImageSource
 from viq_megatron.data.multimodal import EncodedSample, encode_sample, pack_samples
 from viq_megatron.data.text import IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, Turn
 from viq_megatron.evaluate import stop_ids
+from viq_megatron.models.files import WEIGHTS_FILE
+from viq_megatron.models.provider import encoder_input, quantized_input
+from viq_megatron.models.sharding import load_full_state_dict
+from viq_megatron.tokenizer import ensure_single_process_runtime
 
 VISUAL_DIR = "viq_visual"
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 TEXT_TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -58,25 +62,15 @@ class ViQVisual:
     """Images -> LLM input embeddings, one per 16x16 patch: the exported visual input."""
 
     def __init__(self, directory: str | Path):
-        from safetensors.torch import load_file
-
-        from viq_megatron.encode import build_encoder, params_dtype
-        from viq_megatron.models.multimodal import EncoderVisualInput, Projector
-        from viq_megatron.models.sharding import load_full_state_dict
-        from viq_megatron.tokenizer import ensure_single_process_runtime
-        from viq_megatron.training.stages import build_visual_tokenizer
-
         directory = Path(directory)
         raw = json.loads((directory / CONFIG_FILE).read_text())
         kind, hidden = raw.pop("visual"), int(raw.pop("llm_hidden_size"))
         cfg = config_from_dict(raw, str(directory / CONFIG_FILE))
         ensure_single_process_runtime()
         if kind == "quantized":
-            self.module = build_visual_tokenizer(cfg, hidden)
+            self.module = quantized_input(cfg, hidden)
         elif kind == "encoder":
-            encoder, _ = build_encoder(cfg)
-            projector = Projector(cfg.model.encoder.hidden_size, hidden, params_dtype(cfg.model.params_dtype))
-            self.module = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device))
+            self.module = encoder_input(cfg, hidden)
         else:
             raise ConfigError(f"{directory / CONFIG_FILE}: visual: unknown kind {kind!r}")
         load_full_state_dict(self.module, load_file(str(directory / WEIGHTS_FILE)))

@@ -13,7 +13,6 @@ this class, so `embed(encode(x))` equals what the online model feeds the LLM, bi
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,21 +22,16 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from viq_megatron.config import Config, ConfigError, ParallelConfig, config_from_dict
+from viq_megatron.config import Config, ConfigError, ParallelConfig
 from viq_megatron.data.images import ImageError, ImageSource, load_native_image
 from viq_megatron.data.packing import PackedImages
+from viq_megatron.models.files import (TOKENIZER_CONFIG, WEIGHTS_FILE, TokenizerError, read_tokenizer_files,
+                                       visual_config)
 from viq_megatron.models.pixel_decoder import blocks_to_image, patch_major, raster_order
+from viq_megatron.models.provider import build_pixel_decoder, quantized_input
 from viq_megatron.models.vit import row_blocked
-from viq_megatron.runtime.errors import InputError
-
-CONFIG_FILE = "viq_tokenizer.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-class TokenizerError(InputError):
-    """A tokenizer directory that cannot be loaded; one line naming the file."""
 
 
 @dataclass
@@ -60,8 +54,6 @@ def ensure_single_process_runtime() -> None:
 
 class ViQTokenizer:
     def __init__(self, cfg: Config, llm_hidden_size: int):
-        from viq_megatron.training.stages import build_pixel_decoder, build_visual_tokenizer
-
         if cfg.model.head is None:
             raise ConfigError("model.head: missing (a ViQ tokenizer needs its quantization head)")
         if cfg.model.head.quantizer != "fsq":
@@ -69,18 +61,12 @@ class ViQTokenizer:
         ensure_single_process_runtime()
         self.cfg = cfg
         self.llm_hidden_size = llm_hidden_size
-        self.visual = build_visual_tokenizer(cfg, llm_hidden_size).eval()
+        self.visual = quantized_input(cfg, llm_hidden_size).eval()
         self.decoder = build_pixel_decoder(cfg).eval() if cfg.model.decoder is not None else None
 
     # ------------------------------------------------------------------ files
     def _config_dict(self) -> dict:
-        # The tokenizer's own weights replace an imported encoder's: init_from is not carried.
-        model = {"encoder": {**dataclasses.asdict(self.cfg.model.encoder), "init_from": ""}, "head": dataclasses.asdict(self.cfg.model.head),
-                 "params_dtype": self.cfg.model.params_dtype}
-        if self.cfg.model.decoder is not None:
-            model["decoder"] = dataclasses.asdict(self.cfg.model.decoder)
-        return {"model": model, "data": {"image": dataclasses.asdict(self.cfg.data.image)},
-                "llm_hidden_size": self.llm_hidden_size}
+        return visual_config(self.cfg, self.llm_hidden_size, decoder=self.decoder is not None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"visual.{k}": v for k, v in self.visual.state_dict().items() if torch.is_tensor(v)}
@@ -116,7 +102,7 @@ class ViQTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(self._config_dict(), indent=2))
+        (directory / TOKENIZER_CONFIG).write_text(json.dumps(self._config_dict(), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> "ViQTokenizer":
@@ -184,26 +170,3 @@ class ViQTokenizer:
             array = (pixels.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             out.append(Image.fromarray(np.ascontiguousarray(array), "RGB"))
         return out
-
-
-def read_tokenizer_files(directory: str | Path) -> tuple[Config, int, dict[str, torch.Tensor]]:
-    """(model config, LLM width its projector feeds, weights) of a saved tokenizer directory."""
-    directory = Path(directory)
-    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise TokenizerError(f"{file}: missing")
-    try:
-        raw = json.loads(config_file.read_text())
-        llm_hidden_size = int(raw.pop("llm_hidden_size"))
-        cfg = config_from_dict(raw, str(config_file))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TokenizerError(f"{config_file}: {str(e).splitlines()[0]}") from None
-    try:
-        state = load_file(str(weights_file))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise TokenizerError(f"{weights_file}: not a readable safetensors file ({e})") from None
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TokenizerError(f"{weights_file}: tensor {name} holds NaN or infinite values (a diverged run?)")
-    return cfg, llm_hidden_size, state

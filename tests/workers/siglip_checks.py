@@ -27,7 +27,7 @@ if __name__ == "__main__":
     from safetensors.torch import load_file
 
     from viq_megatron.data.packing import PackedImages
-    from viq_megatron.encode import build_encoder, build_pooling_head
+    from viq_megatron.models.provider import build_encoder, build_pooling_head
     from viq_megatron.runtime.distributed import initialize
     from viq_megatron.training.trainer import Trainer
 

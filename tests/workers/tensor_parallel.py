@@ -14,7 +14,7 @@ from megatron.core import parallel_state, tensor_parallel
 from viq_megatron.config import load_config
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.encode import build_encoder
+from viq_megatron.models.provider import build_encoder
 from viq_megatron.models.sharding import gather_full, load_full_state_dict
 from viq_megatron.runtime.distributed import initialize, shutdown
 
@@ -75,7 +75,7 @@ def main(out_path: str, image_dir: str) -> None:
 
 def head_parity(image_dir: str) -> dict:
     """Encoder + ViQ head at TP=2 vs TP=1 on the same weights: features, bottleneck, codes."""
-    from viq_megatron.training.stages import build_visual_tokenizer
+    from viq_megatron.models.provider import quantized_input
 
     head = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
     cfg1 = load_config(None, [*TINY, head])
@@ -90,13 +90,13 @@ def head_parity(image_dir: str) -> dict:
             return z, visual.head.post_quantization(visual.head.quantizer(z))
 
     initialize(cfg1.parallel, seed=cfg1.seed)
-    dense = build_visual_tokenizer(cfg1, 64).eval()
+    dense = quantized_input(cfg1, 64).eval()
     weights = {k: v.clone() for k, v in dense.state_dict().items() if torch.is_tensor(v)}
     z1, features1 = run(dense)
     fsq = dense.head.quantizer.fsq
     parallel_state.destroy_model_parallel()
     initialize(cfg2.parallel, seed=cfg2.seed)
-    split = build_visual_tokenizer(cfg2, 64).eval()
+    split = quantized_input(cfg2, 64).eval()
     load_full_state_dict(split, weights)
     z2, features2 = run(split)
     tau = (z2 - z1).abs().max()

@@ -16,13 +16,18 @@ def _is_split(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def split_tensor(tensor: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s part of a full tensor split over `size` ranks along `dim`. With stride s
+    (e.g. 2 for SwiGLU's [gate; up]) the full tensor is s blocks, and each rank holds its chunk
+    of every block."""
+    return torch.cat([block.chunk(size, dim)[rank] for block in tensor.chunk(stride, dim)], dim)
+
+
 def shard(tensor: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's part of a full tensor. With stride s (e.g. 2 for SwiGLU's [gate; up]) the
-    full tensor is s blocks, and each rank holds its chunk of every block."""
+    """This rank's part of a full tensor, as `param` (a parameter of the split model) is split."""
     if not _is_split(param) or size == 1:
         return tensor
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    return torch.cat([block.chunk(size, dim)[rank] for block in tensor.chunk(stride, dim)], dim)
+    return split_tensor(tensor, param.partition_dim, getattr(param, "partition_stride", 1), rank, size)
 
 
 def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:

@@ -29,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from viq_megatron.config import EncoderConfig
+from viq_megatron.models.files import WEIGHTS_FILE
 from viq_megatron.models.hf_llm import CheckpointError, _expect
 
 CONFIG_FILE = "encoder.json"
-WEIGHTS_FILE = "model.safetensors"
 ENCODER, POOLING = "encoder.", "pooling_head."
 
 

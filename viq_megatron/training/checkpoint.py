@@ -33,13 +33,24 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint.api import CheckpointException
 
+from viq_megatron.config import Config
 from viq_megatron.models.hf_llm import CheckpointError
+from viq_megatron.models.lora import is_adapter
 from viq_megatron.runtime.distributed import is_main_process
 from viq_megatron.runtime.errors import first_line
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete"
 _STEP_FOLDER = re.compile(r"step_(\d+)(\.old)?")  # .old: a step's previous folder while it is replaced
+
+
+def left_out(cfg: Config, key: str) -> bool:
+    """Whether a run's checkpoints leave tensor `key` out: a frozen pretrained LLM is read from its
+    own checkpoint at start-up and never changes (its LoRA adapters are saved). Everything else is
+    saved, so that each stage's checkpoint is complete for the next one."""
+    llm = cfg.model.llm
+    return (llm is not None and bool(llm.checkpoint) and "llm" in cfg.train.freeze and key.startswith("llm.")
+            and not is_adapter(key))
 
 
 def _rng_state() -> dict[str, Any]:

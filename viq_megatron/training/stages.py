@@ -7,7 +7,7 @@ and micro-batches) and their weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -15,17 +15,13 @@ import torch.nn.functional as F
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from viq_megatron.config import Config, ConfigError
+from viq_megatron.config import Config
 from viq_megatron.data.multimodal import PackedBatch
-from viq_megatron.encode import build_encoder, build_pooling_head, params_dtype
 from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
-from viq_megatron.models.hf_llm import load_llm_weights, read_arch
-from viq_megatron.models.llm import build_llm_chunks
-from viq_megatron.models.lora import add_lora
-from viq_megatron.models.multimodal import (CodeVisualInput, EncoderVisualInput, Projector, QuantizedVisualInput,
-                                             VisionLanguageModel)
+from viq_megatron.models.multimodal import QuantizedVisualInput, VisionLanguageModel
 from viq_megatron.models.pixel_decoder import PixelDecoder, drawn_and_original, pixel_losses
-from viq_megatron.models.specs import resolve_transformer_impl
+from viq_megatron.models.provider import (build_llm_from_config, build_pixel_decoder, code_input, encoder_input,
+                                          llm_arch, quantized_input)
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import row_blocked
 from viq_megatron.training.codebook import CodebookStats
@@ -41,32 +37,6 @@ class Stage:
     on_step: Callable[[int], dict] = field(default=lambda step: {})  # schedules; extra metrics to log
     flops: Callable[[PackedBatch], float] = field(default=lambda batch: 0.0)  # counted FLOPs of a training step
     on_init_from: Callable[[], None] = field(default=lambda: None)  # after train.init_from loaded weights
-
-
-def llm_arch(cfg: Config):
-    return read_arch(cfg.model.llm.checkpoint) if cfg.model.llm.checkpoint else cfg.model.llm.arch
-
-
-def build_llm_from_config(cfg: Config) -> list:
-    """This rank's pipeline chunks of the LLM, with the pretrained weights and LoRA adapters."""
-    llm_cfg, parallel = cfg.model.llm, cfg.parallel
-    chunks = build_llm_chunks(llm_arch(cfg), parallel.tensor_model_parallel_size,
-                              params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl),
-                              cfg.model.fp8, (parallel.pipeline_model_parallel_size,
-                                              parallel.virtual_pipeline_model_parallel_size))
-    for llm in chunks:
-        if llm_cfg.checkpoint:
-            load_llm_weights(llm, llm_cfg.checkpoint)
-        if llm_cfg.lora.rank > 0:
-            add_lora(llm, llm_cfg.lora)
-    return chunks
-
-
-def build_head(cfg: Config) -> ViQHead:
-    head = ViQHead(cfg.model.head, cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
-                   params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl),
-                   cfg.model.fp8)
-    return head.cuda() if torch.cuda.is_available() else head
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -121,16 +91,10 @@ def build_stage1(cfg: Config) -> Stage:
     """Encoder + projector learn from a (frozen by default) pretrained LLM's caption loss,
     while a frozen fixed-resolution copy of the encoder anchors its pooled features."""
     llm = build_llm_from_config(cfg)
-    encoder, _ = build_encoder(cfg)
-    projector = Projector(cfg.model.encoder.hidden_size, llm[0].config.hidden_size,
-                          params_dtype(cfg.model.params_dtype))
-    # Megatron modules hold process groups: no deepcopy. Its weights are the encoder's (below).
-    teacher, _ = build_encoder(cfg, pretrained=False)
-    visual = EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device), teacher,
-                                build_pooling_head(cfg))
+    visual = encoder_input(cfg, llm[0].config.hidden_size, teacher=True)
 
     def copy_encoder_to_teacher() -> None:  # the teacher is the encoder stage 1 starts from
-        teacher.load_state_dict(encoder.state_dict())
+        visual.teacher.load_state_dict(visual.encoder.state_dict())
 
     def fixed_resolution_teacher(visual, batch: PackedBatch) -> torch.Tensor:
         return visual.pool(visual.teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
@@ -147,7 +111,7 @@ def build_stage2(cfg: Config) -> Stage:
     stage-1 encoder's pooled features and an optional reconstruction of its tokens.
     Initialised from a stage-1 checkpoint (train.init_from)."""
     llm = build_llm_from_config(cfg)
-    visual = build_visual_tokenizer(cfg, llm[0].config.hidden_size)
+    visual = quantized_input(cfg, llm[0].config.hidden_size)
     head = visual.head
     drawing = cfg.train.pixel_weight > 0
     decoder = build_pixel_decoder(cfg) if drawing else None
@@ -224,22 +188,10 @@ def draw(head: ViQHead, decoder: PixelDecoder, quantized: torch.Tensor, images, 
     return drawn_and_original(decoder(subtokens, images.grids), images, patch, mean, std)
 
 
-def build_visual_tokenizer(cfg: Config, llm_hidden_size: int) -> QuantizedVisualInput:
-    encoder, _ = build_encoder(cfg)
-    projector = Projector(cfg.model.encoder.hidden_size, llm_hidden_size, params_dtype(cfg.model.params_dtype))
-    return QuantizedVisualInput(encoder, build_head(cfg), projector.to(encoder.patch_embedding.weight.device))
-
-
-def build_pixel_decoder(cfg: Config) -> PixelDecoder:
-    decoder = PixelDecoder(cfg.model.decoder, cfg.model.head.subtoken_size, cfg.parallel.tensor_model_parallel_size,
-                           params_dtype(cfg.model.params_dtype))
-    return decoder.cuda() if torch.cuda.is_available() else decoder
-
-
 def build_decoder_stage(cfg: Config) -> Stage:
     """The pixel decoder learns to draw a frozen tokenizer's codes (train.init_from a stage-2 run;
     freeze [visual]): L1 + SSIM, with PSNR reported."""
-    model = ReconstructionModel(build_visual_tokenizer(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
+    model = ReconstructionModel(quantized_input(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
                                 cfg.data.image.mean, cfg.data.image.std)
 
     def losses(model: ReconstructionModel, batch: PackedBatch) -> tuple[None, dict[str, torch.Tensor]]:
@@ -267,32 +219,14 @@ def build_continuous(cfg: Config) -> Stage:
     """The baseline: images decoded and run through the encoder + projector every step
     (train.init_from a stage-1 run; freeze [visual.encoder] or train it)."""
     llm = build_llm_from_config(cfg)
-    encoder, _ = build_encoder(cfg)
-    projector = Projector(cfg.model.encoder.hidden_size, llm[0].config.hidden_size,
-                          params_dtype(cfg.model.params_dtype))
-    return _caption_stage(cfg, EncoderVisualInput(encoder, projector.to(encoder.patch_embedding.weight.device)), llm)
+    return _caption_stage(cfg, encoder_input(cfg, llm[0].config.hidden_size), llm)
 
 
 def build_discrete(cfg: Config) -> Stage:
     """Training on offline codes: the exported tokenizer's head + projector embed them (built
     at this run's tensor-parallel size; the tokenizer's encoder is not needed)."""
-    from viq_megatron.models.sharding import load_full_state_dict
-    from viq_megatron.tokenizer import read_tokenizer_files
-
     llm = build_llm_from_config(cfg)
-    saved, llm_hidden_size, weights = read_tokenizer_files(cfg.model.viq_tokenizer)
-    new_projector = cfg.model.projector == "new"
-    if llm_hidden_size != llm[0].config.hidden_size and not new_projector:
-        raise ConfigError(f"{cfg.model.viq_tokenizer}: its projector feeds width {llm_hidden_size}, "
-                         f"the LLM has {llm[0].config.hidden_size} (model.projector=new trains a new one)")
-    tokenizer_cfg = replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head))
-    head = build_head(tokenizer_cfg)
-    projector = Projector(saved.model.encoder.hidden_size, llm[0].config.hidden_size,
-                          params_dtype(cfg.model.params_dtype))
-    visual = CodeVisualInput(head, projector.to(head.from_code.weight.device))
-    for module, prefix in [(head, "visual.head."), *([] if new_projector else [(projector, "visual.projector.")])]:
-        load_full_state_dict(module, {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)})
-    return _caption_stage(cfg, visual, llm)
+    return _caption_stage(cfg, code_input(cfg, llm[0].config.hidden_size), llm)
 
 
 STAGES = {"stage1": build_stage1, "stage2": build_stage2, "decoder": build_decoder_stage,

@@ -35,15 +35,16 @@ from viq_megatron.data.conversations import SampleError, read_conversations
 from viq_megatron.data.embedded import write_embedded_dataset
 from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset, PackedTokenDataset
 from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
-from viq_megatron.encode import params_dtype
 from viq_megatron.models.flops import peak_flops
 from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.models.lora import is_adapter
+from viq_megatron.models.provider import llm_arch, params_dtype
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
 from viq_megatron.runtime.errors import InputError, check_writable, writing
-from viq_megatron.training.checkpoint import latest_checkpoint, load_checkpoint, load_shared_weights, save_checkpoint
+from viq_megatron.training.checkpoint import (latest_checkpoint, left_out, load_checkpoint, load_shared_weights,
+                                               save_checkpoint)
 from viq_megatron.training.logs import MetricsLog
-from viq_megatron.training.stages import STAGES, llm_arch
+from viq_megatron.training.stages import STAGES
 from viq_megatron.training.torch_adam_resume import materialize_adam_state
 
 log = logging.getLogger("viq_megatron.train")
@@ -229,15 +230,9 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def _checkpointed_state(self, is_loading: bool = False) -> dict:
-        # A frozen pretrained LLM is read from its own checkpoint at start-up and never
-        # changes: it is left out (its LoRA adapters are not). Everything else is saved, so
-        # that each stage's checkpoint is complete for the next one.
         # Tensors are keyed by global names (layer numbers across pipeline stages included), so
         # any tensor, pipeline or data-parallel layout can load what another saved.
-        llm = self.cfg.model.llm
-        pretrained_frozen_llm = llm is not None and bool(llm.checkpoint) and "llm" in self.cfg.train.freeze
-        states = [{k: v for k, v in chunk.module.sharded_state_dict().items()
-                   if not (pretrained_frozen_llm and k.startswith("llm.") and not is_adapter(k))}
+        states = [{k: v for k, v in chunk.module.sharded_state_dict().items() if not left_out(self.cfg, k)}
                   for chunk in self.model]
         model_state = dict(zip(self._chunk_keys(), states))
         # A sharded optimizer state is saved so that any data-parallel size can load it.
