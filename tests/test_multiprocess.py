@@ -1,5 +1,6 @@
 """Multi-process checks, grouped into few torchrun launches (each costs ~10 s of imports)."""
 import json
+import math
 import re
 
 import pytest
@@ -60,8 +61,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert len(result["fsq_losses"]) == 2 and all(l > 0 for l in result["fsq_losses"])
     assert 0 < result["codebook"]["codebook_usage"] <= 1 and result["codebook"]["codebook_perplexity"] >= 1
     assert len(result["codebook"]["level_histograms"]) == 5  # 16k preset: levels 8,8,8,6,5
-    assert len(result["decoder_psnr"]) == 2 and all(p > 0 for p in result["decoder_psnr"])
-    assert result["tokenizer_params"] > 0
+    assert len(result["decoder_losses"]) == 2 and all(math.isfinite(l) for l in result["decoder_losses"])
+    assert result["tokenizer_names_match"] and result["tokenizer_differs"] == []  # the export holds the runs' weights
+    assert result["frozen_visual_differs"] == []  # frozen through the decoder stage, bit for bit
 
 
 def test_data_parallel_and_tensor_parallel(tmp_path):

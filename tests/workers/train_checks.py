@@ -114,6 +114,8 @@ DECODER = "model.decoder={hidden_size: 32, num_layers: 1, num_attention_heads: 2
 def stage2_chain(work: Path) -> dict:
     """stage 1 -> 2-1 (linf) -> 2-2 (fsq) -> decoder -> exported tokenizer, two steps each."""
     from viq_megatron.tokenizer import ViQTokenizer
+    from viq_megatron.training.checkpoint import load_shared_weights
+    from viq_megatron.training.stages import STAGES
     from tools.export_tokenizer import main as export
 
     common = [HEAD, DECODER, "train.steps=2", "train.save_every=2", "train.codebook_every=1",
@@ -130,10 +132,29 @@ def stage2_chain(work: Path) -> dict:
     overrides = [*TINY_TRAIN, HEAD, DECODER, "model.head.quantizer=fsq", f"train.output_dir={work / 'x'}"]
     assert export(["--checkpoint", str(work / "s2_2"), "--decoder-checkpoint", str(work / "dec"),
                    "--out", str(work / "tok"), *overrides]) == 0
-    tok = ViQTokenizer.load(work / "tok")
+    exported = ViQTokenizer.load(work / "tok").state_dict()
+
+    def run_model(run_dir: Path, *stage: str):
+        """The run's model as its own stage builds it, its checkpoint loaded (not through the export)."""
+        cfg = tiny_train_config(work / "x", *common, *stage)
+        model = STAGES[cfg.train.stage](cfg).chunks[0]
+        load_shared_weights([model], run_dir)
+        return model
+
+    def tensors(module, prefix: str) -> dict:
+        return {prefix + k: v for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+    stage2 = run_model(work / "s2_2", "train.stage=stage2", "model.head.quantizer=fsq")
+    decoder_run = run_model(work / "dec", "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[visual]")
+    expected = {**tensors(stage2.visual, "visual."), **tensors(decoder_run.decoder, "decoder.")}
+    frozen_visual = tensors(decoder_run.visual, "visual.")
     return {"fsq_losses": fsq, "codebook": codebook[-1] if codebook else {},
-            "decoder_psnr": [l.get("psnr") for l in decoder if l["split"] == "train"],
-            "tokenizer_params": sum(v.numel() for v in tok.state_dict().values())}
+            "decoder_losses": [l["loss"] for l in decoder if l["split"] == "train"],
+            # The exported tokenizer holds exactly the 2-2 run's visual weights and the decoder run's decoder.
+            "tokenizer_names_match": sorted(exported) == sorted(expected),
+            "tokenizer_differs": sorted(k for k in expected if k in exported and not torch.equal(exported[k], expected[k])),
+            # The decoder stage trains with the visual part frozen: it ends bit-identical to 2-2's.
+            "frozen_visual_differs": sorted(k for k, v in frozen_visual.items() if not torch.equal(v, expected[k]))}
 
 
 def parallel(work: Path, checkpoints: list[str]) -> dict:

@@ -95,4 +95,3 @@ def one_line_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
         parser.exit(2, f"error: {first_line(e)}\n")
     except OSError as e:
         parser.exit(2 if e.errno in _UNUSABLE_PATH else 1, f"error: {describe_os_error(e)}\n")
-
