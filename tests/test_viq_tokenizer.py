@@ -146,3 +146,25 @@ def test_non_finite_weights_or_features_never_become_codes(tok, paths, tmp_path)
     save_file(weights, tmp_path / "t/model.safetensors")
     with pytest.raises(TokenizerError, match=rf"model.safetensors: tensor {name} holds NaN or infinite values"):
         ViQTokenizer.load(tmp_path / "t")
+
+
+def test_the_callers_random_generators_are_left_as_they_were(tok, paths, tmp_path):
+    """Loading builds modules with random initial weights before the saved ones replace them."""
+    import random
+
+    import numpy as np
+
+    from viq_megatron.tokenizer import ViQTokenizer
+
+    tok.save(tmp_path / "t")
+
+    def seeded_draws(between=lambda: None):
+        random.seed(7), np.random.seed(7), torch.manual_seed(7)
+        between()
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    def use_a_tokenizer():
+        loaded = ViQTokenizer.load(tmp_path / "t")
+        loaded.decode([e.codes for e in loaded.encode(paths)])
+
+    assert seeded_draws(use_a_tokenizer) == seeded_draws()

@@ -8,16 +8,20 @@
     tok.save("copy_dir")                                # safetensors + viq_tokenizer.json
 
 No distributed set-up is needed: on first use a private single-process group is created
-for the Megatron-Core layers. The same module definitions serve training, export and
-this class, so `embed(encode(x))` equals what the online model feeds the LLM, bit for bit.
+for the Megatron-Core layers (on CPU it switches on the compatibility layer for the
+process). The caller's random generators are left as they were. The same module
+definitions serve training, export and this class, so `embed(encode(x))` equals what the
+online model feeds the LLM, bit for bit.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,17 +56,31 @@ def ensure_single_process_runtime() -> None:
         raise RuntimeError("ViQTokenizer runs with tensor parallelism 1")
 
 
+@contextmanager
+def callers_random_state_kept() -> Iterator[None]:
+    """Building the tokenizer draws initial weights (replaced when it loads) and may seed a private
+    runtime; the caller's Python, NumPy and torch generators are as they were afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class ViQTokenizer:
     def __init__(self, cfg: Config, llm_hidden_size: int):
         if cfg.model.head is None:
             raise ConfigError("model.head: missing (a ViQ tokenizer needs its quantization head)")
         if cfg.model.head.quantizer != "fsq":
             raise ConfigError(f"model.head.quantizer: {cfg.model.head.quantizer!r} has no codes; export an fsq head")
-        ensure_single_process_runtime()
         self.cfg = cfg
         self.llm_hidden_size = llm_hidden_size
-        self.visual = quantized_input(cfg, llm_hidden_size).eval()
-        self.decoder = build_pixel_decoder(cfg).eval() if cfg.model.decoder is not None else None
+        with callers_random_state_kept():
+            ensure_single_process_runtime()
+            self.visual = quantized_input(cfg, llm_hidden_size).eval()
+            self.decoder = build_pixel_decoder(cfg).eval() if cfg.model.decoder is not None else None
 
     # ------------------------------------------------------------------ files
     def _config_dict(self) -> dict:
