@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from viq_megatron.runtime.errors import InputError, read_text
+from viq_megatron.runtime.errors import InputError, first_line, read_text
 
 
 class ConfigError(InputError):
@@ -468,7 +468,7 @@ def parse_yaml(text: str, source: str) -> Any:
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{source}: invalid YAML ({first_line(e)})") from None
     except RecursionError:
         raise ConfigError(f"{source}: YAML nested too deeply to read") from None
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from viq_megatron.config import Config, config_from_dict
-from viq_megatron.runtime.errors import InputError
+from viq_megatron.runtime.errors import InputError, first_line
 
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_CONFIG = "viq_tokenizer.json"
@@ -54,7 +54,7 @@ def read_tokenizer_files(directory: str | Path) -> tuple[Config, int, dict[str, 
         llm_hidden_size = int(raw.pop("llm_hidden_size"))
         cfg = config_from_dict(raw, str(config_file))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TokenizerError(f"{config_file}: {str(e).splitlines()[0]}") from None
+        raise TokenizerError(f"{config_file}: {first_line(e)}") from None
     try:
         state = load_file(str(weights_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from viq_megatron.config import EncoderConfig
 from viq_megatron.models.files import WEIGHTS_FILE
 from viq_megatron.models.hf_llm import CheckpointError, _expect
+from viq_megatron.runtime.errors import first_line
 
 CONFIG_FILE = "encoder.json"
 ENCODER, POOLING = "encoder.", "pooling_head."
@@ -48,7 +49,7 @@ def _read_tensors(source: Path) -> dict[str, torch.Tensor]:
             loaded = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(
                 file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - both readers raise their own types
-            raise CheckpointError(f"{file}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{file}: not a readable checkpoint ({first_line(e)})") from None
         state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {})
     return state
 

@@ -185,7 +185,8 @@ def checkpoint_step(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: no whole checkpoint there; the newest, {steps[0].name}: "
                                   f"{checkpoint_problem(steps[0])}")
         raise CheckpointError(f"{path}: no checkpoint there")
-    if (problem := checkpoint_problem(step, marked=True)) is not None:  # a step folder named directly
+    # A step folder named directly (latest_checkpoint has checked the ones it found).
+    if step == path and (problem := checkpoint_problem(step, marked=True)) is not None:
         raise CheckpointError(f"{step}: not a whole checkpoint: {problem}")
     verify_checkpoint(step)
     return step
@@ -257,9 +258,8 @@ def verify_checkpoint(step: Path) -> None:
                 f.seek(info.offset)
                 torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
         except Exception as e:  # noqa: BLE001 - refused globals, truncation, a missing shard
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{shard}: refused item {index.fqn}: it does not load as plain data "
-                                  f"({reason})") from None
+                                  f"({first_line(e)})") from None
 
 
 def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "",
