@@ -26,14 +26,26 @@ def tiny_config(*overrides: str):
 
 
 @pytest.fixture(scope="session")
-def megatron_world():
-    """A single-process gloo world with Megatron-Core groups (TP=1), shared by in-process tests."""
+def _megatron_groups():
+    """A single-process gloo world with Megatron-Core groups (TP=1), made once per session."""
+    from viq_megatron.runtime import cpu_compat
     from viq_megatron.runtime.distributed import initialize, shutdown
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
     initialize(tiny_config().parallel, seed=1234, environ=env)
+    cpu_compat.deactivate()  # on only inside the modules that ask for megatron_world
     yield
     shutdown()
+
+
+@pytest.fixture(scope="module")
+def megatron_world(_megatron_groups):
+    """The session's Megatron-Core world, with the CPU compatibility layer on for this test
+    module only: other modules see plain torch."""
+    from viq_megatron.runtime import cpu_compat
+
+    with cpu_compat.patched():
+        yield
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

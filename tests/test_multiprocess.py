@@ -97,5 +97,12 @@ def test_data_parallel_and_tensor_parallel(tmp_path):
         assert len(losses) == 3
         for a, b in zip(losses, dp1):
             assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (losses, dp1)
+    # Megatron-Core's per-token normalisation of each stage's objective: DP=2 == 2 micro-batches.
+    single = json.loads(single_file.read_text())
+    for stage in ("stage2", "decoder"):
+        losses, expected = result[f"dp2_{stage}"], single[f"dp1_{stage}"]
+        assert len(losses) == 3 and len(set(losses)) == 3, stage  # the objective moves
+        for a, b in zip(losses, expected):
+            assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (stage, losses, expected)
     for checkpoint in checkpoints:
         assert result[checkpoint] < 1e-4, checkpoint

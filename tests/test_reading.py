@@ -136,7 +136,7 @@ def test_visual_embeddings_fill_exactly_the_slots(tmp_path, text_tokenizer, tiny
     try:
         with torch.no_grad():
             tiny_model(batch)
-            visual = tiny_model.visual(batch)
+            visual = tiny_model.visual(batch).embeddings
             tokens = tiny_model.llm.embedding(input_ids=batch.tokens[None], position_ids=batch.position_ids[None])
     finally:
         hook.remove()
@@ -156,7 +156,7 @@ def test_gradient_reaches_projector_and_encoder_not_frozen_parts(tmp_path, text_
     tiny_model.llm.requires_grad_(False)
     tiny_model.zero_grad()
     try:
-        (tiny_model(batch) * batch.loss_mask).sum().backward()
+        (tiny_model(batch).token_losses * batch.loss_mask).sum().backward()
     finally:
         tiny_model.llm.requires_grad_(True)
     visual = tiny_model.visual

@@ -1,12 +1,16 @@
 """The ViQ head and ViQTokenizer: position awareness, offline == online, invariance, files."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
-from conftest import make_image, tiny_train_config
+from conftest import ROOT, make_image, tiny_train_config
 
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 2, subtoken_ffn_size: 64, post_blocks: 1}"
 DECODER = "model.decoder={hidden_size: 32, num_layers: 1, num_attention_heads: 2, ffn_hidden_size: 64}"
@@ -26,7 +30,7 @@ def paths(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory, megatron_world):
+def tok(tmp_path_factory):
     return tokenizer(tmp_path_factory.mktemp("tok"))
 
 
@@ -51,7 +55,7 @@ def test_codes_shape_and_range(tok, paths):
 def test_offline_embeddings_equal_online_features_exactly(tok, paths):
     packed = pack(tok, paths)
     with torch.no_grad():
-        online = packed.split(tok.visual(Batch(packed)))
+        online = packed.split(tok.visual(Batch(packed)).embeddings)
     offline = tok.embed([e.codes for e in tok.encode(paths)])
     for a, b in zip(online, offline):
         assert torch.equal(a, b)
@@ -72,7 +76,7 @@ def test_codes_independent_of_pack_and_batch(tok, paths):
     assert torch.equal(tok.encode(paths[::-1])[0].codes, batched[-1].codes)
 
 
-def test_position_awareness(tmp_path, paths, megatron_world):
+def test_position_awareness(tmp_path, paths):
     """Without RoPE the head is permutation-equivariant over an image's tokens; with it, not."""
     for rope in (False, True):
         tok = tokenizer(tmp_path / str(rope), f"model.head.rope={str(rope).lower()}")
@@ -168,3 +172,55 @@ def test_the_callers_random_generators_are_left_as_they_were(tok, paths, tmp_pat
         loaded.decode([e.codes for e in loaded.encode(paths)])
 
     assert seeded_draws(use_a_tokenizer) == seeded_draws()
+
+
+def test_a_library_user_gets_a_plain_module_and_torch_as_it_was(tok, paths, tmp_path):
+    """In a fresh interpreter: loading and using the tokenizer starts no distributed runtime,
+    patches nothing in torch, adds nothing to sys.modules' GPU extras, and leaves the RNG alone."""
+    tok.save(tmp_path / "t")
+    script = textwrap.dedent(f"""
+        import json, random, sys
+        import numpy as np, torch
+        random.seed(3); np.random.seed(3); torch.manual_seed(3)
+        torch_attrs = {{n: getattr(torch.Tensor, n) for n in ("type", "cuda")}}
+        cuda_attrs = {{n: getattr(torch.cuda, n) for n in ("current_device", "synchronize", "get_rng_state")}}
+        rng = (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state())
+        extras = {{n: sys.modules.get(n, "absent") for n in ("transformer_engine", "apex")}}
+        from viq_megatron import ViQTokenizer
+        tok = ViQTokenizer.load({str(tmp_path / "t")!r})
+        codes = [e.codes for e in tok.encode({[str(p) for p in paths]!r})]
+        tok.decode(codes)
+        print(json.dumps({{
+            "runtime": torch.distributed.is_initialized(),
+            "torch_patched": [n for n, f in torch_attrs.items() if getattr(torch.Tensor, n) is not f],
+            "cuda_patched": [n for n, f in cuda_attrs.items() if getattr(torch.cuda, n) is not f],
+            "rng_kept": rng[0] == random.getstate() and rng[1] == np.random.get_state()[1].tolist()
+                        and torch.equal(rng[2], torch.get_rng_state()),
+            "extras_changed": [n for n, v in extras.items() if sys.modules.get(n, "absent") is not v],
+            "codes": [c.tolist() for c in codes]}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["runtime"] is False and report["torch_patched"] == [] and report["cuda_patched"] == []
+    assert report["rng_kept"] and report["extras_changed"] == []
+    assert report["codes"] == [e.codes.tolist() for e in tok.encode(paths)]  # the same codes as in this process
+
+
+def test_standalone_layers_compute_what_the_training_layers_compute(tok, paths, megatron_world):
+    """The tokenizer's standalone modules vs the same weights in Megatron-Core's parallel layers
+    (as stage-2 training builds them): bit-identical features and codes."""
+    from viq_megatron.models.provider import quantized_input
+    from viq_megatron.models.sharding import load_full_state_dict
+
+    online = quantized_input(tok.cfg, tok.llm_hidden_size).eval()
+    load_full_state_dict(online, {k[len("visual."):]: v for k, v in tok.state_dict().items()
+                                  if k.startswith("visual.")})
+    batch = Batch(pack(tok, paths))
+    with torch.no_grad():
+        ours, theirs = tok.visual(batch), online(batch)
+    assert type(online.encoder.transformer.layers[0].mlp.linear_fc1).__name__ == "ColumnParallelLinear"
+    assert type(tok.visual.encoder.transformer.layers[0].mlp.linear_fc1).__name__ == "SingleRankLinear"
+    for name in ("encoder_tokens", "bottleneck", "features", "embeddings"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name

@@ -48,7 +48,8 @@ def main() -> None:
     from viq_megatron.data.images import load_native_image
     from viq_megatron.data.multimodal import EncodedSample, pack_samples
     from viq_megatron.models.llm import build_llm
-    from viq_megatron.models.multimodal import CodeVisualInput, EncoderVisualInput, Projector, VisionLanguageModel
+    from viq_megatron.models.multimodal import (CodeVisualInput, EncoderVisualInput, Projector, VisionLanguageModel,
+                                                VisualOutput)
     from viq_megatron.models.viq_head import ViQHead
     from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
     from viq_megatron.runtime.distributed import initialize, shutdown
@@ -116,7 +117,7 @@ def main() -> None:
 
                 class Precomputed(torch.nn.Module):
                     def forward(self, batch):
-                        return precomputed
+                        return VisualOutput(precomputed)
 
                 paths_models = {
                     "continuous": VisionLanguageModel(EncoderVisualInput(encoder, projector), llm),
@@ -138,7 +139,7 @@ def main() -> None:
                             torch.cuda.synchronize()
                         start = time.perf_counter()
                         batch = batch_for(path_name)
-                        loss = (model(batch) * batch.loss_mask.to(device)).sum() / batch.loss_mask.sum()
+                        loss = (model(batch).token_losses * batch.loss_mask.to(device)).sum() / batch.loss_mask.sum()
                         loss.backward()
                         optimizers[path_name].step()
                         optimizers[path_name].zero_grad(set_to_none=True)

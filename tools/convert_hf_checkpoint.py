@@ -27,18 +27,8 @@ from viq_megatron.models.pretrained import import_hf_llm  # noqa: E402
 
 def export(checkpoint: Path, out: Path) -> None:
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = hf_llm.read_arch(checkpoint)
-    weights = hf_llm.megatron_to_hf(load_file(str(checkpoint / WEIGHTS_FILE)), arch)
-    params = hf_llm.hf_config_dict(arch)
-    config = AutoConfig.for_model(params.pop("model_type"), **params)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=next(iter(weights.values())).dtype)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (arch.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise hf_llm.CheckpointError(f"export: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.save_pretrained(out, safe_serialization=True)
+    hf_llm.save_hf_causal_lm(load_file(str(checkpoint / WEIGHTS_FILE)), hf_llm.read_arch(checkpoint), out)
     tokenizer = checkpoint / "tokenizer"
     if tokenizer.is_dir():
         from transformers import AutoTokenizer

@@ -39,24 +39,6 @@ def llm_weights(llm, lora_scale: float) -> dict:
     return local_layer_names(state)  # a TE model's fused norms under their local names
 
 
-def save_hf_llm(weights: dict, arch, stop: list[int], out: Path) -> None:
-    """A standard HF causal LM; generation stops at `stop` (EOS first, then the chat template's end of turn)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from viq_megatron.models.hf_llm import CheckpointError, hf_config_dict, megatron_to_hf
-
-    hf = megatron_to_hf(weights, arch)
-    params = hf_config_dict(arch)
-    config = AutoConfig.for_model(params.pop("model_type"), **params, eos_token_id=stop[0])
-    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(hf.values())).dtype)
-    missing, unexpected = model.load_state_dict(hf, strict=False)
-    missing = [k for k in missing if not (arch.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"export: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, stop[0]
-    model.save_pretrained(out, safe_serialization=True)
-
-
 def save_visual(model, visual_cfg, impl: str, out: Path) -> None:
     """The visual input's weights (TP=1) and the config that rebuilds it (hf_adapter.ViQVisual)."""
     from safetensors.torch import save_file
@@ -89,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from viq_megatron.data.text import HFTokenizer
     from viq_megatron.evaluate import load_model, load_text_tokenizer, stop_ids
     from viq_megatron.hf_adapter import TEXT_TOKENIZER_FILE, VISUAL_DIR
+    from viq_megatron.models.hf_llm import save_hf_causal_lm
     from viq_megatron.models.provider import llm_arch
     from viq_megatron.models.specs import resolve_transformer_impl
     from viq_megatron.runtime.distributed import initialize
@@ -100,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         text = load_text_tokenizer(cfg, args.checkpoint, args.text_tokenizer)
         model, visual_cfg = load_model(cfg, args.checkpoint)
         lora = cfg.model.llm.lora
-        save_hf_llm(llm_weights(model.llm, lora.alpha / lora.rank if lora.rank else 0.0), llm_arch(cfg),
-                    [text.eos_id, *sorted(stop_ids(text) - {text.eos_id})], args.out)
+        save_hf_causal_lm(llm_weights(model.llm, lora.alpha / lora.rank if lora.rank else 0.0), llm_arch(cfg),
+                          args.out, [text.eos_id, *sorted(stop_ids(text) - {text.eos_id})])
         save_visual(model, visual_cfg, resolve_transformer_impl(cfg.model.transformer_impl), args.out / VISUAL_DIR)
     if isinstance(text, HFTokenizer):
         text.tokenizer.save_pretrained(args.out)

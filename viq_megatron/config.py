@@ -150,6 +150,7 @@ class DecoderConfig:
     num_layers: int = 8
     num_attention_heads: int = 8
     ffn_hidden_size: int = 2048
+    layernorm_epsilon: float = 1e-6
     rope_base: float = 100.0
     l1_weight: float = 1.0
     ssim_weight: float = 0.5
@@ -174,6 +175,10 @@ class ModelConfig:
     # FP8 training on Hopper with Transformer Engine layers: delayed or current (per-tensor)
     # scaling; the quantizer's own arithmetic stays in fp32. Needs TE.
     fp8: Literal["off", "delayed", "current"] = "off"
+    # Megatron-Core's non-TE fused kernels in the LLM (cross-entropy without fp32 copies of the
+    # logits, SwiGLU), compiled by torch.compile: auto uses them on CUDA in bfloat16 (on CPU the
+    # compile costs more than a short run saves). They need bfloat16 parameters.
+    fusions: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -252,10 +257,15 @@ class DataConfig:
     seq_length: int = 1024
     # Square side of the frozen teacher's fixed-resolution input (self-distillation).
     teacher_image_size: int = 224
+    # Training rows are built in this many DataLoader worker processes while the device computes
+    # (0: in the training process), each keeping `prefetch` rows ready.
+    num_workers: int = 2
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("tokens_per_pack", "seq_length", "teacher_image_size"):
+        for name in ("tokens_per_pack", "seq_length", "teacher_image_size", "prefetch"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 
 @dataclass
@@ -380,6 +390,8 @@ class Config:
                  or self.model.llm.lora.rank == 0, "model.llm.lora.targets",
                  f"{sorted(fused_norm_targets)} fuse their layer norm under Transformer Engine (an adapter there would "
                  "not merge into the weight): target linear_proj/linear_fc2 only, or use transformer_impl local")
+        _require(self.model.fusions != "on" or self.model.params_dtype == "bfloat16", "model.fusions",
+                 "on needs model.params_dtype bfloat16 (the fused cross-entropy returns bf16 logit gradients)")
         _require(self.train.pixel_weight == 0 or (self.train.stage == "stage2" and self.model.decoder is not None),
                  "train.pixel_weight", "draws the stage-2 head's codes: needs train.stage stage2 and model.decoder")
         stage = self.train.stage
@@ -394,6 +406,26 @@ class Config:
                  "parallel.tensor_model_parallel_size",
                  f"{self.parallel.tensor_model_parallel_size} does not divide "
                  f"model.encoder.num_attention_heads={self.model.encoder.num_attention_heads}")
+
+    # What a use beyond training needs of a valid config; checked here, beside the rules above.
+    def check_answering(self, offline_codes: bool = False) -> None:
+        """Evaluation: a model that answers questions (with `offline_codes`: from ViQ codes)."""
+        _require(self.model.llm is not None, "model.llm", "missing (answering questions needs an LLM)")
+        _require(self.train.stage in ANSWERING_STAGES, "train.stage",
+                 f"{self.train.stage!r} has no LLM; use one of {', '.join(ANSWERING_STAGES)}")
+        _require(self.parallel.pipeline_model_parallel_size == 1, "parallel.pipeline_model_parallel_size",
+                 "evaluation keeps the whole LLM on each rank; use 1")
+        _require(not offline_codes or self.train.stage == "discrete", "train.stage",
+                 f"offline ViQ codes are read by a discrete-stage model, not {self.train.stage}")
+
+    def check_tokenizer(self) -> None:
+        """A ViQ tokenizer: an encoder and an FSQ head (whose codes it writes)."""
+        _require(self.model.head is not None, "model.head", "missing (a ViQ tokenizer needs its quantization head)")
+        _require(self.model.head.quantizer == "fsq", "model.head.quantizer",
+                 f"{self.model.head.quantizer!r} has no codes; export an fsq head")
+
+
+ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete")
 
 
 # ---------------------------------------------------------------- loading

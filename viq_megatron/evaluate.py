@@ -62,7 +62,6 @@ from viq_megatron.training.stages import STAGES
 
 log = logging.getLogger("viq_megatron.evaluate")
 
-ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete")
 
 
 @dataclass
@@ -170,20 +169,13 @@ def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
     through the tokenizer, else offline codes as in training. Collective (every rank calls it). A
     tensor the model needs that neither the checkpoint nor a pretrained source provides is a
     one-line error."""
-    if cfg.model.llm is None:
-        raise ConfigError("model.llm: missing (answering questions needs an LLM)")
-    if cfg.train.stage not in ANSWERING_STAGES:
-        raise ConfigError(f"train.stage: {cfg.train.stage!r} has no LLM; use one of {', '.join(ANSWERING_STAGES)}")
-    if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size: evaluation keeps the whole LLM on each rank; use 1")
+    cfg.check_answering(offline_codes=not online)
     step = checkpoint_step(checkpoint)
     stage = STAGES[cfg.train.stage](cfg)
     model, visual_cfg = stage.chunks[0], cfg
     elsewhere = set()  # key prefixes the model has without the checkpoint
     if cfg.train.stage == "stage1":
         elsewhere.update(("visual.teacher.", "visual.pooling."))  # training only
-    if not online and cfg.train.stage != "discrete":
-        raise ConfigError(f"train.stage: offline ViQ codes are read by a discrete-stage model, not {cfg.train.stage}")
     if cfg.train.stage == "discrete" and online:
         visual_cfg = _online_tokenizer(cfg, model)
         elsewhere.add("visual.")
@@ -241,7 +233,7 @@ def generate(model, prompts: list[EncodedSample], stop: set[int], max_new_tokens
     packed sequence. Ids from `vocab_size` on (embedding rows the tokenizer has no piece for)
     are never chosen."""
     batch = pack_samples(prompts)
-    visual = model.visual(batch) if len(batch.visual_positions) else None
+    visual = model.visual(batch).embeddings if len(batch.visual_positions) else None
     visuals = list(visual.split([len(p.visual_slots) for p in prompts])) if visual is not None else None
     answers: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))

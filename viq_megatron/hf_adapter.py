@@ -30,8 +30,8 @@ Step by step, to port into a harness's own loop (what `answer` does):
     holds the same list.
 Batches work the same way with left padding (zero embeddings, attention mask 0).
 
-The visual input needs viq_megatron: its Megatron-Core layers run in a private
-single-process group (as ViQTokenizer's do); the LLM is plain transformers.
+The visual input needs viq_megatron: its Megatron-Core layers are built standalone (no
+process group, as ViQTokenizer's are); the LLM is plain transformers.
 """
 from __future__ import annotations
 
@@ -51,7 +51,6 @@ from viq_megatron.evaluate import stop_ids
 from viq_megatron.models.files import WEIGHTS_FILE
 from viq_megatron.models.provider import encoder_input, quantized_input
 from viq_megatron.models.sharding import load_full_state_dict
-from viq_megatron.tokenizer import ensure_single_process_runtime
 
 VISUAL_DIR = "viq_visual"
 CONFIG_FILE = "config.json"
@@ -66,11 +65,10 @@ class ViQVisual:
         raw = json.loads((directory / CONFIG_FILE).read_text())
         kind, hidden = raw.pop("visual"), int(raw.pop("llm_hidden_size"))
         cfg = config_from_dict(raw, str(directory / CONFIG_FILE))
-        ensure_single_process_runtime()
         if kind == "quantized":
-            self.module = quantized_input(cfg, hidden)
+            self.module = quantized_input(cfg, hidden, standalone=True)
         elif kind == "encoder":
-            self.module = encoder_input(cfg, hidden)
+            self.module = encoder_input(cfg, hidden, standalone=True)
         else:
             raise ConfigError(f"{directory / CONFIG_FILE}: visual: unknown kind {kind!r}")
         load_full_state_dict(self.module, load_file(str(directory / WEIGHTS_FILE)))
@@ -80,7 +78,7 @@ class ViQVisual:
     @torch.no_grad()
     def __call__(self, encoded: EncodedSample) -> torch.Tensor:
         """The embeddings of a laid-out sample's visual slots [slots, hidden], images in order."""
-        return self.module(pack_samples([encoded]))
+        return self.module(pack_samples([encoded])).embeddings
 
 
 class ViQForHF:

@@ -7,11 +7,10 @@
     images = tok.decode([e.codes for e in encoded])     # PIL images (needs a trained pixel decoder)
     tok.save("copy_dir")                                # safetensors + viq_tokenizer.json
 
-No distributed set-up is needed: on first use a private single-process group is created
-for the Megatron-Core layers (on CPU it switches on the compatibility layer for the
-process). The caller's random generators are left as they were. The same module
-definitions serve training, export and this class, so `embed(encode(x))` equals what the
-online model feeds the LLM, bit for bit.
+A plain torch module on any device: no distributed runtime, no process group, no patch
+(its Megatron-Core layers are built standalone, models/specs.py). The caller's random
+generators are left as they were. The same module definitions serve training, export and
+this class, so `embed(encode(x))` equals what the online model feeds the LLM, bit for bit.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from viq_megatron.config import Config, ConfigError, ParallelConfig
+from viq_megatron.config import Config
 from viq_megatron.data.images import ImageError, ImageSource, load_native_image
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.files import (TOKENIZER_CONFIG, WEIGHTS_FILE, TokenizerError, read_tokenizer_files,
@@ -44,22 +43,10 @@ class EncodedImage:
     size: tuple[int, int]  # (width, height) of the resized image
 
 
-def ensure_single_process_runtime() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from viq_megatron.runtime.distributed import initialize
-
-    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
-        initialize(ParallelConfig(), seed=0, environ={})
-    if parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise RuntimeError("ViQTokenizer runs with tensor parallelism 1")
-
-
 @contextmanager
 def callers_random_state_kept() -> Iterator[None]:
-    """Building the tokenizer draws initial weights (replaced when it loads) and may seed a private
-    runtime; the caller's Python, NumPy and torch generators are as they were afterwards."""
+    """Building the tokenizer draws initial weights (replaced when it loads); the caller's Python,
+    NumPy and torch generators are as they were afterwards."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         try:
@@ -71,16 +58,12 @@ def callers_random_state_kept() -> Iterator[None]:
 
 class ViQTokenizer:
     def __init__(self, cfg: Config, llm_hidden_size: int):
-        if cfg.model.head is None:
-            raise ConfigError("model.head: missing (a ViQ tokenizer needs its quantization head)")
-        if cfg.model.head.quantizer != "fsq":
-            raise ConfigError(f"model.head.quantizer: {cfg.model.head.quantizer!r} has no codes; export an fsq head")
+        cfg.check_tokenizer()
         self.cfg = cfg
         self.llm_hidden_size = llm_hidden_size
         with callers_random_state_kept():
-            ensure_single_process_runtime()
-            self.visual = quantized_input(cfg, llm_hidden_size).eval()
-            self.decoder = build_pixel_decoder(cfg).eval() if cfg.model.decoder is not None else None
+            self.visual = quantized_input(cfg, llm_hidden_size, standalone=True).eval()
+            self.decoder = build_pixel_decoder(cfg, standalone=True).eval() if cfg.model.decoder is not None else None
 
     # ------------------------------------------------------------------ files
     def _config_dict(self) -> dict:

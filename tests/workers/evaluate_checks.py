@@ -121,7 +121,7 @@ def hugging_face(work: Path, timings: dict) -> dict:
             answers.append(hf.answer(q.question, q.sample.images, max_new_tokens=MAX_NEW_TOKENS))
             prompt = hf.layout(q.sample.turns, q.sample.images)  # the same layout evaluate uses
             ours = evaluate.next_token_logits(model.llm, [prompt.token_ids], [prompt.visual_slots],
-                                              model.visual(pack_samples([prompt])))[0]
+                                              model.visual(pack_samples([prompt])).embeddings)[0]
             ids = evaluate.generate(model, [prompt], evaluate.stop_ids(text), MAX_NEW_TOKENS, text.vocab_size)[0]
             embeds = torch.cat([hf.inputs_embeds(prompt), hf.lm.get_input_embeddings()(torch.tensor([ids]))], 1)
             logits = hf.lm(inputs_embeds=embeds).logits[0, len(prompt.token_ids) - 1:].float()

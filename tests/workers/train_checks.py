@@ -1,9 +1,10 @@
 """Training checks under torchrun; writes results as JSON to argv[2]; the tests assert on them.
 
     single (1 process): a straight run and a stopped-and-resumed run
-    dp1 (1 process): 3 steps of 2 micro-batches
-    parallel (2 processes): DP=2 with 1 micro-batch each (plain, and the distributed optimizer
-        straight and resumed); TP=2 LLM logits from converted checkpoints
+    dp1 (1 process): 3 steps of 2 micro-batches, stage 1 and OTHER_STAGES
+    parallel (2 processes): DP=2 with 1 micro-batch each (stage 1 plain, and with the
+        distributed optimizer straight and resumed; OTHER_STAGES); TP=2 LLM logits from
+        converted checkpoints
 """
 import json
 import sys
@@ -59,24 +60,24 @@ def faults(work: Path) -> dict:
     from viq_megatron.training.trainer import Trainer
 
     trainer = Trainer(tiny_train_config(work / "nan", "train.max_nonfinite_steps=2"))
-    real_losses = trainer.stage.losses
+    real_terms = trainer.stage.loss_terms
 
     def nan_at(steps):
-        def losses(model, batch):
-            output, out = real_losses(model, batch)
-            return output, ({**out, "caption": out["caption"] * float("nan")} if trainer.step + 1 in steps else out)
-        return losses
+        def loss_terms(batch, output):
+            terms = real_terms(batch, output)
+            return {**terms, "caption": terms["caption"] * float("nan")} if trainer.step + 1 in steps else terms
+        return loss_terms
 
     def weights():
         return {n: p.detach().clone() for n, p in trainer.model[0].module.named_parameters() if p.requires_grad}
 
-    trainer.stage.losses = nan_at({2})
+    trainer.stage.loss_terms = nan_at({2})
     logged = [trainer.train_step()]
     before_nan = weights()
     logged.append(trainer.train_step())  # step 2: NaN
     after_nan = weights()
     trainer.save()  # a good checkpoint at step 2
-    trainer.stage.losses = nan_at({4, 5})
+    trainer.stage.loss_terms = nan_at({4, 5})
     trainer.train_step()  # step 3: finite, resets the run of non-finite steps
     after_finite = weights()
     nan_step_left_weights = all(torch.equal(before_nan[n], after_nan[n]) for n in before_nan) and not all(
@@ -110,6 +111,12 @@ def faults(work: Path) -> dict:
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
 DECODER = "model.decoder={hidden_size: 32, num_layers: 1, num_attention_heads: 2, ffn_hidden_size: 64}"
 
+# Every term of every objective: caption, distillation, token reconstruction and pixel losses
+# (stage 2, the first pipeline stage's terms), and the decoder stage's pixel losses alone.
+OTHER_STAGES = {"stage2": ("train.stage=stage2", HEAD, DECODER, "train.pixel_weight=0.5",
+                           "train.reconstruct_weight=0.5", "train.freeze=[llm]"),
+                "decoder": ("train.stage=decoder", HEAD, DECODER)}
+
 
 def stage2_chain(work: Path) -> dict:
     """stage 1 -> 2-1 (linf) -> 2-2 (fsq) -> decoder -> exported tokenizer, two steps each."""
@@ -124,7 +131,8 @@ def stage2_chain(work: Path) -> dict:
         f"train.init_from={work / 'resumed'}")  # saved at step 2
     fsq = run(work / "s2_2", *common, "train.stage=stage2", "model.head.quantizer=fsq",
               f"train.init_from={work / 's2_1'}")
-    run(work / "dec", *common, "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[visual]",
+    # train.freeze=[]: the decoder stage itself keeps the visual part out of the optimizer.
+    run(work / "dec", *common, "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[]",
         f"train.init_from={work / 's2_2'}")
     codebook = [json.loads(l) for l in (work / "s2_2/metrics.jsonl").read_text().splitlines()
                 if json.loads(l)["split"] == "codebook"]
@@ -145,7 +153,7 @@ def stage2_chain(work: Path) -> dict:
         return {prefix + k: v for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
     stage2 = run_model(work / "s2_2", "train.stage=stage2", "model.head.quantizer=fsq")
-    decoder_run = run_model(work / "dec", "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[visual]")
+    decoder_run = run_model(work / "dec", "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[]")
     expected = {**tensors(stage2.visual, "visual."), **tensors(decoder_run.decoder, "decoder.")}
     frozen_visual = tensors(decoder_run.visual, "visual.")
     return {"fsq_losses": fsq, "codebook": codebook[-1] if codebook else {},
@@ -167,6 +175,8 @@ def parallel(work: Path, checkpoints: list[str]) -> dict:
 
     sharded = ["train.micro_batches=1", "parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true"]
     result = {"dp2": run(work / "dp2", "train.micro_batches=1", "train.steps=3"),
+              **{f"dp2_{name}": run(work / f"dp2_{name}", *overrides, "train.micro_batches=1", "train.steps=3")
+                 for name, overrides in OTHER_STAGES.items()},
               "dp2_distributed_optimizer": run(work / "dp2_dist", *sharded, "train.steps=3", "train.save_every=3")}
     # Stopped after step 2 and resumed: the sharded optimizer state comes back from the checkpoint.
     run(work / "dp2_dist_resumed", *sharded, "train.steps=2", "train.save_every=2")
@@ -190,7 +200,9 @@ if __name__ == "__main__":
     if mode == "single":
         result = single(work)
     elif mode == "dp1":
-        result = {"dp1": run(work / "dp1", "train.micro_batches=2", "train.steps=3")}
+        result = {"dp1": run(work / "dp1", "train.micro_batches=2", "train.steps=3"),
+                  **{f"dp1_{name}": run(work / f"dp1_{name}", *overrides, "train.micro_batches=2", "train.steps=3")
+                     for name, overrides in OTHER_STAGES.items()}}
     else:
         result = parallel(work, sys.argv[4:])
     if torch.distributed.get_rank() == 0:

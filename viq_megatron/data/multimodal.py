@@ -12,6 +12,7 @@ reads exactly the rows an uninterrupted run would have read.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -107,6 +108,18 @@ class PackedBatch:
     teacher_images: PackedImages | None  # fixed resolution, same order
     sources: list[str]
     codes: torch.Tensor | None = None  # offline path: [V, 4] ViQ codes (4 per visual token), same order
+    skipped: list[str] = field(default_factory=list)  # samples of this row that could not be read, and why
+
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies (the DataLoader calls this in its pinning thread): the copies to the
+        GPU then run without blocking the host."""
+        def pinned(images: PackedImages | None) -> PackedImages | None:
+            return None if images is None else dataclasses.replace(images, patches=images.patches.pin_memory())
+
+        tensors = {f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                   if torch.is_tensor(getattr(self, f.name))}
+        return dataclasses.replace(self, **tensors, images=pinned(self.images),
+                                   teacher_images=pinned(self.teacher_images))
 
     @property
     def max_seqlen(self) -> int:
@@ -218,7 +231,9 @@ class PackedConversationDataset(PackedRows):
         self.skipped.append(reason)
 
     def __getitem__(self, row: int) -> PackedBatch:
-        encoded = []
+        """Row `row`, packed (in a DataLoader worker, or here). An image that fails to decode now
+        is logged and listed in the batch's `skipped`, which the trainer counts."""
+        encoded, skipped = [], []
         for k, i in enumerate(self.row_indices(row)):
             # A view depends on (seed, row, place in the row) only: a resumed run sees the same pixels.
             augment = None if self.augment is None else (self.augment, random.Random(f"{self.seed}-{row}-{k}"))
@@ -226,10 +241,11 @@ class PackedConversationDataset(PackedRows):
                 encoded.append(encode_sample(self.samples[i], self.tokenizer, self.rules, self.patch,
                                              self.teacher_side, augment=augment))
             except ImageError as e:
-                self._skip(f"{self.samples[i].source}: {e}")
+                skipped.append(f"{self.samples[i].source}: {e}")
+                log.warning("skipped sample %s", skipped[-1])
         if not encoded:
-            raise InputError(f"row {row}: every sample was skipped ({self.skipped[-1]})")
-        return pack_samples(encoded)
+            raise InputError(f"row {row}: every sample was skipped ({skipped[-1]})")
+        return dataclasses.replace(pack_samples(encoded), skipped=skipped)
 
 
 class PackedTokenDataset(PackedRows):

@@ -21,7 +21,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide
+from megatron.core.utils import divide, get_pg_size
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -58,7 +58,7 @@ class PackedSDPAttention(MegatronModule):
         if config.context_parallel_size != 1:
             raise ValueError("PackedSDPAttention does not support context parallelism; use Transformer Engine")
         tp_size = tensor_parallel.get_tensor_model_parallel_world_size() if pg_collection is None \
-            else pg_collection.tp.size()
+            else get_pg_size(pg_collection.tp)  # 1 for a module built without process groups
         self.num_heads = divide(config.num_attention_heads, tp_size)
         self.num_query_groups = divide(config.num_query_groups or config.num_attention_heads, tp_size)
         self.attn_mask_type = attn_mask_type

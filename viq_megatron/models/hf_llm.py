@@ -149,6 +149,26 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], arch: LLMArch) -> dict[str, torc
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def save_hf_causal_lm(weights: dict[str, torch.Tensor], arch: LLMArch, out: str | Path,
+                      stop: list[int] | None = None) -> None:
+    """Our TP=1 LLM weights (local layer names) as a standard HF causal LM directory (transformers
+    loads it); with `stop`, generation ends at those ids (EOS first, then the chat template's end
+    of turn)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = megatron_to_hf(weights, arch)
+    params = hf_config_dict(arch)
+    config = AutoConfig.for_model(params.pop("model_type"), **params, **({"eos_token_id": stop[0]} if stop else {}))
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(hf.values())).dtype)
+    missing, unexpected = model.load_state_dict(hf, strict=False)
+    missing = [k for k in missing if not (arch.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"export: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if stop:
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, stop[0]
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def read_arch(checkpoint: str | Path) -> LLMArch:
     path = Path(checkpoint) / ARCH_FILE
     try:

@@ -20,8 +20,10 @@ from viq_megatron.models.specs import common_config_kwargs, transformer_layer_sp
 
 
 def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype,
-                           impl: str, fp8: str = "off", pipeline: tuple[int, int] = (1, 1)) -> TransformerConfig:
-    """`pipeline`: (pipeline-parallel size, virtual stages per rank)."""
+                           impl: str, fp8: str = "off", pipeline: tuple[int, int] = (1, 1),
+                           fused: bool = False) -> TransformerConfig:
+    """`pipeline`: (pipeline-parallel size, virtual stages per rank). `fused`: Megatron-Core's
+    native fused cross-entropy and SwiGLU (same results to float rounding)."""
     if arch.num_query_groups % tensor_parallel or arch.vocab_size % tensor_parallel:
         raise ConfigError(
             f"parallel.tensor_model_parallel_size: {tensor_parallel} must divide the LLM's "
@@ -50,21 +52,23 @@ def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: to
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         rotary_interleaved=False,  # HF's rotate_half layout
-        **common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
+        **{**common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
+           **(dict(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native", bias_activation_fusion=True)
+              if fused else {})},
         **pipelined,
     )
 
 
 def build_llm(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, impl: str,
-              fp8: str = "off") -> GPTModel:
+              fp8: str = "off", fused: bool = False) -> GPTModel:
     """The whole LLM on this rank (no pipeline parallelism)."""
-    return build_llm_chunks(arch, tensor_parallel, params_dtype, impl, fp8)[0]
+    return build_llm_chunks(arch, tensor_parallel, params_dtype, impl, fp8, fused=fused)[0]
 
 
 def build_llm_chunks(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype, impl: str,
-                     fp8: str = "off", pipeline: tuple[int, int] = (1, 1)) -> list[GPTModel]:
+                     fp8: str = "off", pipeline: tuple[int, int] = (1, 1), fused: bool = False) -> list[GPTModel]:
     """This rank's pipeline chunks, in virtual-stage order (one chunk without interleaving)."""
-    config = llm_transformer_config(arch, tensor_parallel, params_dtype, impl, fp8, pipeline)
+    config = llm_transformer_config(arch, tensor_parallel, params_dtype, impl, fp8, pipeline, fused)
     stages, virtual = pipeline
     if stages == 1:
         return [_gpt_model(config, arch, impl, True, True, None)]

@@ -8,7 +8,8 @@ token; they replace the placeholder slots of the text embeddings.
 """
 from __future__ import annotations
 
-import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,23 @@ from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.models.pooling import AttentionPooling
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import NativeResolutionViT, row_blocked
+from viq_megatron.runtime.timing import PhaseTimer
+
+
+@dataclass
+class VisualOutput:
+    """What a visual input computes for the packed images of a batch (N visual tokens)."""
+    embeddings: torch.Tensor  # [N, LLM hidden]: they replace the placeholder slots
+    features: torch.Tensor | None = None  # [N, C] what the projector reads (encoder tokens, or the head's output)
+    encoder_tokens: torch.Tensor | None = None  # [N, C] the encoder's tokens, before the ViQ head
+    bottleneck: torch.Tensor | None = None  # [N, 4, d] the head's vectors before the quantizer
+
+
+@dataclass
+class MultimodalOutput:
+    token_losses: torch.Tensor | None  # [T] next-token cross-entropy, on the last pipeline stage
+    hidden_states: torch.Tensor | None  # [T, 1, hidden] for the next pipeline stage, before the last
+    visual: VisualOutput | None = None  # on the first pipeline stage, for a batch with images
 
 
 class Projector(torch.nn.Module):
@@ -54,15 +72,14 @@ class EncoderVisualInput(MegatronModule):
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         # An imported SigLIP's frozen attention-pooling head; without one, features are mean-pooled.
         self.pooling = pooling.requires_grad_(False) if pooling is not None else None
-        self.last_features: torch.Tensor | None = None  # encoder tokens of the last batch (distillation)
 
     def pool(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """One feature vector per image [images, hidden] (what stage 1 distils)."""
         return self.pooling(tokens, cu_seqlens) if self.pooling is not None else mean_pool(tokens, cu_seqlens)
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        self.last_features = self.encoder(batch.images)
-        return self.projector(self.last_features)
+    def forward(self, batch: PackedBatch) -> VisualOutput:
+        features = self.encoder(batch.images)
+        return VisualOutput(self.projector(features), features)
 
 
 class QuantizedVisualInput(MegatronModule):
@@ -73,17 +90,15 @@ class QuantizedVisualInput(MegatronModule):
         self.encoder = encoder
         self.head = head
         self.projector = projector
-        self.last_encoder_tokens: torch.Tensor | None = None
-        self.last_features: torch.Tensor | None = None  # head output of the last batch (distillation)
-        self.last_bottleneck: torch.Tensor | None = None  # [N, 4, d] before the quantizer (codebook stats)
 
     def pool(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         return mean_pool(tokens, cu_seqlens)
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        self.last_encoder_tokens = self.encoder(batch.images)
-        self.last_features, self.last_bottleneck = self.head(self.last_encoder_tokens, batch.images)
-        return row_blocked(self.projector, self.last_features)  # as ViQTokenizer.embed computes it
+    def forward(self, batch: PackedBatch) -> VisualOutput:
+        encoder_tokens = self.encoder(batch.images)
+        features, bottleneck = self.head(encoder_tokens, batch.images)
+        # row_blocked: as ViQTokenizer.embed computes it
+        return VisualOutput(row_blocked(self.projector, features), features, encoder_tokens, bottleneck)
 
 
 class CodeVisualInput(MegatronModule):
@@ -95,9 +110,9 @@ class CodeVisualInput(MegatronModule):
         self.head = head
         self.projector = projector
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, batch: PackedBatch) -> VisualOutput:
         features = self.head.embed_codes(batch.codes.to(self.head.from_code.weight.device))
-        return row_blocked(self.projector, features)
+        return VisualOutput(row_blocked(self.projector, features), features)
 
 
 class VisionLanguageModel(MegatronModule):
@@ -112,7 +127,7 @@ class VisionLanguageModel(MegatronModule):
         self.llm = llm
         self.pre_process, self.post_process = llm.pre_process, llm.post_process
         self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
-        self.visual_seconds = 0.0  # forward time of the visual input, for the throughput log
+        self.phase_timer: PhaseTimer | None = None  # times the visual input for the throughput log
 
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)  # activations from the previous pipeline stage
@@ -126,26 +141,28 @@ class VisionLanguageModel(MegatronModule):
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.llm.shared_embedding_or_output_weight()
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Per-token loss [T] on the last pipeline stage (next-token cross-entropy; mask it with
-        batch.loss_mask), the hidden states [T, 1, hidden] for the next stage before it."""
+    def forward(self, batch: PackedBatch) -> MultimodalOutput:
+        """The LLM's per-token loss [T] on the last pipeline stage (next-token cross-entropy; mask
+        it with batch.loss_mask), its hidden states [T, 1, hidden] for the next stage before it;
+        beside it, on the first stage, what the visual input computed."""
         device = next(self.llm.parameters()).device
-        embeddings = None  # after the first stage, the LLM reads its input tensor
+        embeddings = visual = None  # after the first stage, the LLM reads its input tensor
         if self.pre_process:
-            tokens = batch.tokens.to(device)[None]
-            embeddings = self.llm.embedding(input_ids=tokens, position_ids=batch.position_ids.to(device)[None])
+            tokens = batch.tokens.to(device, non_blocking=True)[None]  # pinned by the DataLoader: no host wait
+            positions = batch.position_ids.to(device, non_blocking=True)[None]
+            embeddings = self.llm.embedding(input_ids=tokens, position_ids=positions)
             if len(batch.visual_positions):
-                start = time.perf_counter()
-                visual = self.visual(batch).to(embeddings.dtype)
-                if visual.is_cuda:
-                    torch.cuda.synchronize()  # for the time breakdown of the throughput log
-                self.visual_seconds += time.perf_counter() - start
-                slots = batch.visual_positions.to(device)
-                embeddings = embeddings.index_put((slots, torch.zeros_like(slots)), visual)
-        cu_seqlens = batch.cu_seqlens.to(device)
+                with self.phase_timer.span("visual") if self.phase_timer is not None else nullcontext():
+                    visual = self.visual(batch)
+                slots = batch.visual_positions.to(device, non_blocking=True)
+                embeddings = embeddings.index_put((slots, torch.zeros_like(slots)),
+                                                  visual.embeddings.to(embeddings.dtype))
+        cu_seqlens = batch.cu_seqlens.to(device, non_blocking=True)
         # max_seqlen must be the longest sample, not the row: RoPE positions restart per sample.
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                  max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
         output = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
-                          labels=batch.labels.to(device)[None], packed_seq_params=packed)
-        return output[0] if self.post_process else output
+                          labels=batch.labels.to(device, non_blocking=True)[None], packed_seq_params=packed)
+        if self.post_process:
+            return MultimodalOutput(output[0], None, visual)
+        return MultimodalOutput(None, output, visual)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock
 
 from viq_megatron.config import DecoderConfig
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.models.specs import transformer_layer_spec
+from viq_megatron.models.specs import transformer_block
 from viq_megatron.models.viq_head import grid_rope_angles
 from viq_megatron.models.vit import bidirectional_transformer_config, packed_params, row_blocked
 
@@ -35,13 +34,16 @@ def patch_major(raster_codes: torch.Tensor, grid_h: int, grid_w: int) -> torch.T
 
 
 class PixelDecoder(MegatronModule):
-    def __init__(self, cfg: DecoderConfig, subtoken_size: int, tensor_parallel: int, params_dtype: torch.dtype):
+    def __init__(self, cfg: DecoderConfig, subtoken_size: int, tensor_parallel: int, params_dtype: torch.dtype,
+                 impl: str = "local"):
+        # 2D RoPE lives in our packed attention: local layers (or standalone ones, see specs.py).
         config = bidirectional_transformer_config(cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads,
-                                                  cfg.ffn_hidden_size, 1e-6, tensor_parallel, params_dtype, "local")
+                                                  cfg.ffn_hidden_size, cfg.layernorm_epsilon, tensor_parallel,
+                                                  params_dtype, impl)
         super().__init__(config=config)
         self.cfg = cfg
         self.input = torch.nn.Linear(subtoken_size, cfg.hidden_size, dtype=params_dtype)
-        self.blocks = TransformerBlock(config, transformer_layer_spec("local", causal=False), post_layer_norm=True)
+        self.blocks = transformer_block(config, impl)
         self.output = torch.nn.Linear(cfg.hidden_size, CODE_PIXELS * CODE_PIXELS * 3, dtype=params_dtype)
 
     @property

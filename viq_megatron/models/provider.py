@@ -4,7 +4,9 @@ Like Megatron-LM's `model_provider`, it settles once what every builder needs: t
 parameter dtype, the layer implementation (Transformer Engine or Megatron-Core local) with
 FP8, and the device. It builds the LLM's pipeline chunks for this rank (pre_process /
 post_process / vp_stage come from parallel_state), and assembles the three visual inputs
-that training, the tokenizer, evaluation and the exports share:
+that training, the tokenizer, evaluation and the exports share. With `standalone`, the visual
+parts are built for one process without any process group (specs.py), as the ViQ tokenizer
+runs when used as a library:
 
     encoder_input    images -> encoder -> projector            (stage 1, continuous)
     quantized_input  images -> encoder -> ViQ head -> projector (stage 2, the tokenizer)
@@ -29,7 +31,7 @@ from viq_megatron.models.pixel_decoder import PixelDecoder
 from viq_megatron.models.pooling import AttentionPooling
 from viq_megatron.models.sharding import load_full_state_dict
 from viq_megatron.models.siglip import ENCODER, POOLING, read_encoder_checkpoint
-from viq_megatron.models.specs import resolve_transformer_impl
+from viq_megatron.models.specs import STANDALONE, resolve_transformer_impl
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
 
@@ -50,6 +52,13 @@ def _placed(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(device())
 
 
+def _layers(cfg: Config, standalone: bool) -> tuple[str, int, str]:
+    """(layer implementation, tensor-parallel size, fp8) of a visual part."""
+    if standalone:
+        return STANDALONE, 1, "off"
+    return resolve_transformer_impl(cfg.model.transformer_impl), cfg.parallel.tensor_model_parallel_size, cfg.model.fp8
+
+
 # ---------------------------------------------------------------- the LLM
 
 def llm_arch(cfg: Config) -> LLMArch:
@@ -60,10 +69,14 @@ def llm_arch(cfg: Config) -> LLMArch:
 def build_llm_from_config(cfg: Config) -> list:
     """This rank's pipeline chunks of the LLM, with the pretrained weights and LoRA adapters."""
     llm_cfg, parallel = cfg.model.llm, cfg.parallel
+    dtype = params_dtype(cfg.model.params_dtype)
+    # The fused cross-entropy hands back bf16 logit gradients: bf16 models only (config.py).
+    fused = cfg.model.fusions == "on" or (cfg.model.fusions == "auto" and torch.cuda.is_available()
+                                          and dtype == torch.bfloat16)
     chunks = build_llm_chunks(llm_arch(cfg), parallel.tensor_model_parallel_size,
-                              params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl),
+                              dtype, resolve_transformer_impl(cfg.model.transformer_impl),
                               cfg.model.fp8, (parallel.pipeline_model_parallel_size,
-                                              parallel.virtual_pipeline_model_parallel_size))
+                                              parallel.virtual_pipeline_model_parallel_size), fused)
     for llm in chunks:
         if llm_cfg.checkpoint:
             load_llm_weights(llm, llm_cfg.checkpoint)
@@ -85,12 +98,12 @@ def _pretrained_encoder(cfg: EncoderConfig, prefix: str) -> tuple[bool, dict[str
     return has_head, weights
 
 
-def build_encoder(cfg: Config, pretrained: bool = True) -> tuple[NativeResolutionViT, str]:
+def build_encoder(cfg: Config, pretrained: bool = True, standalone: bool = False) -> tuple[NativeResolutionViT, str]:
     """(the encoder, its layer implementation), from model.encoder.init_from's weights when set
     and `pretrained` (split for this TP size)."""
-    impl = resolve_transformer_impl(cfg.model.transformer_impl)
-    config = encoder_transformer_config(cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
-                                        params_dtype(cfg.model.params_dtype), impl, cfg.model.fp8)
+    impl, tensor_parallel, fp8 = _layers(cfg, standalone)
+    config = encoder_transformer_config(cfg.model.encoder, tensor_parallel, params_dtype(cfg.model.params_dtype), impl,
+                                        fp8)
     # Norms and the patch embedding are created in fp32; the whole encoder runs in params_dtype.
     encoder = NativeResolutionViT(cfg.model.encoder, config, impl).to(config.params_dtype)
     if cfg.model.encoder.init_from and pretrained:
@@ -119,36 +132,38 @@ def build_pooling_head(cfg: Config) -> AttentionPooling | None:
     return _placed(head.requires_grad_(False))
 
 
-def build_head(cfg: Config) -> ViQHead:
-    return _placed(ViQHead(cfg.model.head, cfg.model.encoder, cfg.parallel.tensor_model_parallel_size,
-                           params_dtype(cfg.model.params_dtype), resolve_transformer_impl(cfg.model.transformer_impl),
-                           cfg.model.fp8))
+def build_head(cfg: Config, standalone: bool = False) -> ViQHead:
+    impl, tensor_parallel, fp8 = _layers(cfg, standalone)
+    return _placed(ViQHead(cfg.model.head, cfg.model.encoder, tensor_parallel, params_dtype(cfg.model.params_dtype),
+                           impl, fp8))
 
 
 def build_projector(cfg: Config, llm_hidden_size: int) -> Projector:
     return _placed(Projector(cfg.model.encoder.hidden_size, llm_hidden_size, params_dtype(cfg.model.params_dtype)))
 
 
-def build_pixel_decoder(cfg: Config) -> PixelDecoder:
-    return _placed(PixelDecoder(cfg.model.decoder, cfg.model.head.subtoken_size,
-                                cfg.parallel.tensor_model_parallel_size, params_dtype(cfg.model.params_dtype)))
+def build_pixel_decoder(cfg: Config, standalone: bool = False) -> PixelDecoder:
+    impl, tensor_parallel, _ = _layers(cfg, standalone)
+    return _placed(PixelDecoder(cfg.model.decoder, cfg.model.head.subtoken_size, tensor_parallel,
+                                params_dtype(cfg.model.params_dtype), STANDALONE if standalone else "local"))
 
 
 # ---------------------------------------------------------------- visual inputs
 
-def encoder_input(cfg: Config, llm_hidden_size: int, teacher: bool = False) -> EncoderVisualInput:
+def encoder_input(cfg: Config, llm_hidden_size: int, teacher: bool = False,
+                  standalone: bool = False) -> EncoderVisualInput:
     """Encoder + projector; with `teacher`, stage 1's frozen fixed-resolution teacher (a second
     encoder: Megatron modules hold process groups, so no deepcopy) and the imported pooling head."""
-    encoder, _ = build_encoder(cfg)
+    encoder, _ = build_encoder(cfg, standalone=standalone)
     return EncoderVisualInput(encoder, build_projector(cfg, llm_hidden_size),
                               build_encoder(cfg, pretrained=False)[0] if teacher else None,
                               build_pooling_head(cfg) if teacher else None)
 
 
-def quantized_input(cfg: Config, llm_hidden_size: int) -> QuantizedVisualInput:
-    encoder, _ = build_encoder(cfg)
+def quantized_input(cfg: Config, llm_hidden_size: int, standalone: bool = False) -> QuantizedVisualInput:
+    encoder, _ = build_encoder(cfg, standalone=standalone)
     projector = build_projector(cfg, llm_hidden_size)  # before the head: the order of random initialisation
-    return QuantizedVisualInput(encoder, build_head(cfg), projector)
+    return QuantizedVisualInput(encoder, build_head(cfg, standalone), projector)
 
 
 def tokenizer_config(cfg: Config, directory: str) -> tuple[Config, int, dict[str, torch.Tensor]]:

@@ -31,9 +31,11 @@ def shard(tensor: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> to
 
 
 def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Loads TP=1 tensors into this rank's shards of `model` (missing or extra keys are an error)."""
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel_state.get_tensor_model_parallel_world_size()
+    """Loads TP=1 tensors into this rank's shards of `model` (missing or extra keys are an error).
+    Outside a Megatron runtime (a standalone module) the model is whole."""
+    split = parallel_state.model_parallel_is_initialized()
+    rank = parallel_state.get_tensor_model_parallel_rank() if split else 0
+    size = parallel_state.get_tensor_model_parallel_world_size() if split else 1
     params = dict(model.named_parameters())
     local = {name: shard(t, params[name], rank, size) if name in params else t for name, t in full.items()}
     for name, tensor in local.items():

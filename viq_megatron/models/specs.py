@@ -1,10 +1,13 @@
 """Layer specs: which class fills each slot of a Megatron-Core TransformerLayer.
 
-Two fillers for the attention slot, chosen once per model:
+Three implementations, chosen once per model:
 - Transformer Engine (`TEDotProductAttention`, fused LayerNorm-linears): packed (thd)
   attention and FP8 on GPUs where TE is installed;
 - local: Megatron-Core's parallel linears and torch norms, with `PackedSDPAttention`,
-  which takes packed sequences on CPU and on GPUs without TE.
+  which takes packed sequences on CPU and on GPUs without TE;
+- standalone: the local layers with single-rank linears and no process group, so a module
+  (the ViQ tokenizer used as a library) runs as plain torch with no distributed runtime.
+  Megatron-Core's parallel linears need an initialised torch.distributed even at TP=1.
 """
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ from functools import partial
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -65,6 +71,38 @@ def common_config_kwargs(tensor_parallel: int, params_dtype: torch.dtype, impl: 
         transformer_impl="transformer_engine" if impl == "transformer_engine" else "local")
 
 
+STANDALONE = "standalone"
+
+
+class SingleRankLinear(torch.nn.Module):
+    """Megatron-Core's parallel-linear interface on one rank without a process group: the same
+    parameters (weight [out, in], bias) and the same (output, bias-if-skipped) result, computed
+    as its linear computes it (matmul, then the bias), so the outputs are bit-identical."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig, init_method, bias: bool = True,
+                 skip_bias_add: bool = False, **parallel_options):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.skip_bias_add = skip_bias_add
+
+    def forward(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output = torch.matmul(x, self.weight.t())
+        if self.skip_bias_add or self.bias is None:
+            return output, self.bias
+        return output + self.bias, None
+
+
+def transformer_block(config: TransformerConfig, impl: str, causal: bool = False,
+                      post_layer_norm: bool = True) -> TransformerBlock:
+    """A Megatron-Core TransformerBlock of `impl` layers; a standalone one holds no process group."""
+    groups = ProcessGroupCollection(tp=None, cp=None, pp=None) if impl == STANDALONE else None
+    return TransformerBlock(config, transformer_layer_spec(impl, causal), post_layer_norm=post_layer_norm,
+                            pg_collection=groups)
+
+
 def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
     """A pre-norm transformer layer: bidirectional (ViT encoder, quantization head) or causal (LLM).
 
@@ -74,6 +112,8 @@ def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec() if causal else get_vit_layer_with_transformer_engine_spec()
+    column, row = (SingleRankLinear, SingleRankLinear) if impl == STANDALONE else (ColumnParallelLinear,
+                                                                                  RowParallelLinear)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -82,15 +122,15 @@ def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=column,
                     core_attention=PackedSDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=row,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
             mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+                linear_fc1=column, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=LOCAL_TO_TE,
         ),

@@ -24,7 +24,7 @@ from viq_megatron.config import EncoderConfig, HeadConfig
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.attention import PackedRotaryParams
 from viq_megatron.models.quantizers import FSQ_PRESETS, Quantizer
-from viq_megatron.models.specs import transformer_layer_spec
+from viq_megatron.models.specs import STANDALONE, transformer_block
 from viq_megatron.models.vit import bidirectional_transformer_config, packed_params, row_blocked
 
 SUBTOKENS = 4  # 2x2 per patch
@@ -74,16 +74,15 @@ class ViQHead(MegatronModule):
         width, s = encoder.hidden_size, cfg.subtoken_size
         self.cfg = cfg
         self.input_norm = torch.nn.LayerNorm(width, elementwise_affine=False, dtype=params_dtype)
-        self.pre = TransformerBlock(pre_config, transformer_layer_spec(impl, causal=False),
-                                    post_layer_norm=False) if cfg.pre_layers else None
+        self.pre = transformer_block(pre_config, impl, post_layer_norm=False) if cfg.pre_layers else None
         self.expand = torch.nn.Linear(width, SUBTOKENS * s, dtype=params_dtype)
         self.expand_mlp = MLP(s, s, s, params_dtype)
         # 2D RoPE lives in our packed attention, so these blocks always take the local spec.
+        subtoken_impl = STANDALONE if impl == STANDALONE else "local"
         subtoken_config = bidirectional_transformer_config(
             SUBTOKENS * s, cfg.subtoken_layers, SUBTOKENS, cfg.subtoken_ffn_size, encoder.layernorm_epsilon,
-            tensor_parallel, params_dtype, "local")
-        self.subtoken_blocks = TransformerBlock(subtoken_config, transformer_layer_spec("local", causal=False),
-                                                post_layer_norm=True)
+            tensor_parallel, params_dtype, subtoken_impl)
+        self.subtoken_blocks = transformer_block(subtoken_config, subtoken_impl)
         self.quantizer = Quantizer(cfg.quantizer, FSQ_PRESETS[cfg.codebook])
         self.to_code = torch.nn.Linear(s, self.quantizer.dim, dtype=params_dtype)
         self.from_code = torch.nn.Linear(self.quantizer.dim, s, dtype=params_dtype)

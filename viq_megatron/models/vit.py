@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from viq_megatron.config import EncoderConfig
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.attention import PackedRotaryParams
-from viq_megatron.models.specs import common_config_kwargs, transformer_layer_spec
+from viq_megatron.models.specs import common_config_kwargs, transformer_block
 
 # MKL computes a matmul of few rows through another kernel than a large one, so a
 # short sequence alone would round differently than inside a pack. Padding every pack
@@ -89,7 +88,7 @@ class NativeResolutionViT(MegatronModule):
         self.patch_embedding = torch.nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, dtype=config.params_dtype)
         self.position_embedding = torch.nn.Parameter(
             torch.randn(self.position_grid ** 2, cfg.hidden_size, dtype=config.params_dtype) * 0.02)
-        self.transformer = TransformerBlock(config, transformer_layer_spec(impl, causal=False), post_layer_norm=True)
+        self.transformer = transformer_block(config, impl)
 
     def position_embeddings(self, grids: torch.Tensor) -> torch.Tensor:
         """The learned square grid bilinearly resized (antialiased) to each image's (h, w) grid."""
@@ -107,7 +106,7 @@ class NativeResolutionViT(MegatronModule):
         tokens = images.num_tokens
         rows = (0, 0, 0, padded_rows(tokens) - tokens)
         weight = self.patch_embedding.weight
-        patches = F.pad(images.patches.to(device=weight.device, dtype=weight.dtype), rows)
+        patches = F.pad(images.patches.to(device=weight.device, dtype=weight.dtype, non_blocking=True), rows)
         hidden = self.patch_embedding(patches) + F.pad(self.position_embeddings(images.grids), rows)
         packed = packed_params(images.cu_seqlens.tolist(), hidden.device)
         out = self.transformer(hidden_states=hidden.unsqueeze(1), attention_mask=None, packed_seq_params=packed)

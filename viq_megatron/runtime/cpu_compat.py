@@ -7,13 +7,18 @@ tracker that forks the CUDA generator so tensor-parallel ranks draw different dr
 masks. On a CPU-only machine each patch gives the call its CPU meaning; the RNG
 tracker then tracks the CPU generator, with the same seeds and the same fork
 semantics. With CUDA present `activate()` does nothing, so a GPU run is untouched.
+
+The layer is process-wide while on, so it is on only where Megatron's runtime runs:
+`runtime.distributed.initialize` (every training and tool entry point) switches it on and
+`shutdown` off; tests scope it with `patched()`. Library users (ViQTokenizer, the HF
+adapter) never see it: their modules are built standalone.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -172,8 +177,19 @@ def activate() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def patched() -> Iterator[bool]:
+    """The layer for the duration of a block; afterwards torch is as it was before it."""
+    was_active = is_active()
+    try:
+        yield activate()
+    finally:
+        if not was_active:
+            deactivate()
+
+
 def deactivate() -> None:
-    """Restores every patched attribute (tests and the overhead benchmark use this)."""
+    """Restores every patched attribute."""
     while _originals:
         owner, name, original = _originals.pop()
         setattr(owner, name, original)

@@ -117,6 +117,7 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_compat.deactivate()
 
 
 def is_main_process() -> bool:

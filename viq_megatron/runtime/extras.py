@@ -2,12 +2,14 @@
 
 megatron-core probes them with `try: import ... except ImportError`, so a partial TE
 install (wrapper without CUDA libraries) breaks `import megatron.core`, and PyPI's
-unrelated `apex` silently switches its LayerNorm. We import each for real and, when it
-is not usable, make it look absent by putting None in `sys.modules`.
+unrelated `apex` silently switches its LayerNorm. We import each installed one for real
+and, when it is not usable, make it look absent by putting None in `sys.modules`. One that
+is not installed is left alone: `sys.modules` changes only to hide a broken install.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import warnings
 
@@ -28,6 +30,13 @@ def _usable(module: str) -> bool:
         return False
 
 
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ValueError, AttributeError):  # None in sys.modules: hidden already
+        return False
+
+
 def _hide(package: str) -> None:
     for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
         del sys.modules[name]
@@ -42,8 +51,9 @@ def probe_gpu_extras() -> dict[str, bool]:
     cuda = torch.cuda.is_available()
     found = {}
     for package, probe in _PROBES.items():
-        found[package] = cuda and _usable(probe)
-        if not found[package]:
+        installed = _installed(package)
+        found[package] = installed and cuda and _usable(probe)
+        if installed and not found[package]:
             _hide(package)
     return found
 

@@ -19,7 +19,10 @@ class CodebookStats:
         self.counts = torch.zeros(fsq.codebook_size, dtype=torch.float64)
 
     def add(self, indices: torch.Tensor) -> None:
-        self.counts += torch.bincount(indices.reshape(-1).cpu(), minlength=self.fsq.codebook_size).double()
+        """Counts codes where they are (index_add_, unlike bincount, needs no host synchronisation)."""
+        self.counts = self.counts.to(indices.device)
+        flat = indices.reshape(-1)
+        self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
     def summary(self) -> dict[str, float | list]:
         """Global (all-reduced) statistics of the codes seen since the last summary; resets."""

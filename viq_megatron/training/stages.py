@@ -1,14 +1,16 @@
 """Training stages: what each one builds, trains and freezes, and which losses it adds.
 
 The loop (trainer.py) is the same for every stage. A stage supplies its model (this
-rank's pipeline chunks of it), its losses as local sums, the count each sum is
-normalised by (known before the forward pass, so normalisation is global over ranks
-and micro-batches) and their weights.
+rank's pipeline chunks of it), the modules it never trains, its loss terms as local sums
+read from a chunk's typed output, the count each sum is normalised by (known before the
+forward pass, so normalisation is global over ranks and micro-batches) and their weights;
+training/objective.py turns them into Megatron-Core's loss contract.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from viq_megatron.config import Config
 from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
-from viq_megatron.models.multimodal import QuantizedVisualInput, VisionLanguageModel
+from viq_megatron.models.multimodal import MultimodalOutput, QuantizedVisualInput, VisionLanguageModel, VisualOutput
 from viq_megatron.models.pixel_decoder import PixelDecoder, drawn_and_original, pixel_losses
 from viq_megatron.models.provider import (build_llm_from_config, build_pixel_decoder, code_input, encoder_input,
                                           llm_arch, quantized_input)
@@ -30,10 +32,12 @@ from viq_megatron.training.codebook import CodebookStats
 @dataclass
 class Stage:
     chunks: list[MegatronModule]  # this rank's pipeline chunks (one without pipeline parallelism)
-    # (chunk output, local loss sums this chunk computes): the chunk's forward pass.
-    losses: Callable[[MegatronModule, PackedBatch], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
+    # The local loss sums a chunk's output holds: {name: sum} (the visual terms on the first
+    # pipeline stage, the caption on the last).
+    loss_terms: Callable[[PackedBatch, Any], dict[str, torch.Tensor]]
     counts: Callable[[PackedBatch], dict[str, float]]  # what each sum is divided by
     weights: dict[str, float]  # objective = sum of weight * global mean
+    frozen: tuple[str, ...] = ()  # module prefixes the stage never trains (train.freeze adds more)
     on_step: Callable[[int], dict] = field(default=lambda step: {})  # schedules; extra metrics to log
     flops: Callable[[PackedBatch], float] = field(default=lambda batch: 0.0)  # counted FLOPs of a training step
     on_init_from: Callable[[], None] = field(default=lambda: None)  # after train.init_from loaded weights
@@ -47,31 +51,36 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
 
 
 def _caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distill_target=None,
-                   extra_losses=None, decoder: PixelDecoder | None = None) -> Stage:
+                   visual_terms=None, visual_counts=None, visual_weights: dict[str, float] | None = None,
+                   decoder: PixelDecoder | None = None, frozen: tuple[str, ...] = ()) -> Stage:
     """Caption loss through the LLM (on its last pipeline stage) + (with `distill_target`)
     self-distillation of the visual features' pooled vector toward
-    `distill_target(visual, batch)` (pooled, one row per image; on the first stage). A pixel
-    `decoder` (stage 2) lives beside the visual input."""
+    `distill_target(visual output, batch)` (pooled, one row per image) and `visual_terms(visual
+    output, batch)` (both on the first stage; counted by `visual_counts(batch)`, weighted by
+    `visual_weights`). A pixel `decoder` (stage 2) lives beside the visual input."""
     chunks = [VisionLanguageModel(visual, llm, decoder) for llm in llm_chunks]
 
-    def losses(model: VisionLanguageModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        output = model(batch)
-        out = {"caption": (output * batch.loss_mask.to(output.device)).sum()} if model.post_process else {}
-        if model.visual is not None and batch.images is not None and distill_target is not None:
-            student = model.visual.pool(model.visual.last_features, batch.images.cu_seqlens)
+    def loss_terms(batch: PackedBatch, output: MultimodalOutput) -> dict[str, torch.Tensor]:
+        terms = {}
+        if output.token_losses is not None:
+            terms["caption"] = (output.token_losses * batch.loss_mask.to(output.token_losses.device)).sum()
+        if output.visual is not None and distill_target is not None:
+            student = visual.pool(output.visual.features, batch.images.cu_seqlens)
             with torch.no_grad():
-                target = distill_target(model.visual, batch)
-            out["distill"] = distillation(student, target, cfg.train.distill_loss)
-            if extra_losses is not None:
-                out.update(extra_losses(model.visual))
-        return output, out
+                target = distill_target(output.visual, batch)
+            terms["distill"] = distillation(student, target, cfg.train.distill_loss)
+            if visual_terms is not None:
+                terms.update(visual_terms(output.visual, batch))
+        return terms
 
     def counts(batch: PackedBatch) -> dict[str, float]:
         images = float(batch.images.num_images) if batch.images is not None else 0.0
         tokens = float(batch.images.num_tokens) if batch.images is not None else 0.0
-        return {"caption": float(batch.num_loss_tokens), "distill": images, "reconstruct": tokens}
+        return {"caption": float(batch.num_loss_tokens), "distill": images, "reconstruct": tokens,
+                **(visual_counts(batch) if visual_counts is not None else {})}
 
-    weights = {"caption": 1.0, "distill": cfg.train.distill_weight, "reconstruct": cfg.train.reconstruct_weight}
+    weights = {"caption": 1.0, "distill": cfg.train.distill_weight, "reconstruct": cfg.train.reconstruct_weight,
+               **(visual_weights or {})}
     arch = llm_arch(cfg)
     encoder = getattr(visual, "encoder", None)
 
@@ -84,7 +93,7 @@ def _caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distil
             total += (3 if trained else 1) * vit_forward_flops(cfg.model.encoder, lengths)
         return total
 
-    return Stage(chunks, losses, counts, weights, flops=flops)
+    return Stage(chunks, loss_terms, counts, weights, frozen, flops=flops)
 
 
 def build_stage1(cfg: Config) -> Stage:
@@ -96,11 +105,11 @@ def build_stage1(cfg: Config) -> Stage:
     def copy_encoder_to_teacher() -> None:  # the teacher is the encoder stage 1 starts from
         visual.teacher.load_state_dict(visual.encoder.state_dict())
 
-    def fixed_resolution_teacher(visual, batch: PackedBatch) -> torch.Tensor:
+    def fixed_resolution_teacher(output: VisualOutput, batch: PackedBatch) -> torch.Tensor:
         return visual.pool(visual.teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
 
     copy_encoder_to_teacher()
-    stage = _caption_stage(cfg, visual, llm, fixed_resolution_teacher)
+    stage = _caption_stage(cfg, visual, llm, fixed_resolution_teacher, frozen=("visual.teacher", "visual.pooling"))
     stage.on_init_from = copy_encoder_to_teacher
     return stage
 
@@ -116,37 +125,25 @@ def build_stage2(cfg: Config) -> Stage:
     drawing = cfg.train.pixel_weight > 0
     decoder = build_pixel_decoder(cfg) if drawing else None
     mean, std = (torch.tensor(v, device=head.from_code.weight.device) for v in (cfg.data.image.mean, cfg.data.image.std))
-
-    def reconstruct(visual: QuantizedVisualInput) -> dict[str, torch.Tensor]:
-        if cfg.train.reconstruct_weight == 0:
-            return {}
-        target = visual.last_encoder_tokens.detach().float()
-        return {"reconstruct": F.mse_loss(visual.last_features.float(), target, reduction="none").mean(-1).sum()}
-
-    def stage1_features(visual: QuantizedVisualInput, batch: PackedBatch) -> torch.Tensor:
-        # The head must keep what the text-aligned stage-1 encoder carries.
-        return visual.pool(visual.last_encoder_tokens.detach(), batch.images.cu_seqlens)
-
-    stage = _caption_stage(cfg, visual, llm, stage1_features, reconstruct, decoder)
     stats = CodebookStats(head.quantizer.fsq)
-    inner_losses = stage.losses
 
-    def losses(model: VisionLanguageModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        output, out = inner_losses(model, batch)
-        if model.visual is not None and batch.images is not None:
-            if drawing:  # the decoder draws what the quantizer passes on: codes that keep the picture
-                quantized = head.quantizer(model.visual.last_bottleneck)
-                drawn = draw(head, model.decoder, quantized, batch.images, cfg.model.encoder.patch_size, mean, std)
-                out.update({f"pixel_{k}": v for k, v in pixel_losses(*drawn).items()})
-            if head.quantizer.kind != "identity":
-                with torch.no_grad():
-                    stats.add(head.indices(model.visual.last_bottleneck))
-        return output, out
+    def stage1_features(output: VisualOutput, batch: PackedBatch) -> torch.Tensor:
+        # The head must keep what the text-aligned stage-1 encoder carries.
+        return visual.pool(output.encoder_tokens.detach(), batch.images.cu_seqlens)
 
-    def counts(batch: PackedBatch) -> dict[str, float]:
-        return {**stage.counts(batch), **(pixel_counts(batch, "pixel_") if drawing else {})}
-
-    weights = {**stage.weights, **(pixel_weights(cfg, cfg.train.pixel_weight, "pixel_") if drawing else {})}
+    def head_terms(output: VisualOutput, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        terms = {}
+        if cfg.train.reconstruct_weight != 0:
+            target = output.encoder_tokens.detach().float()
+            terms["reconstruct"] = F.mse_loss(output.features.float(), target, reduction="none").mean(-1).sum()
+        if drawing:  # the decoder draws what the quantizer passes on: codes that keep the picture
+            drawn = draw(head, decoder, head.quantizer(output.bottleneck), batch.images,
+                         cfg.model.encoder.patch_size, mean, std)
+            terms.update({f"pixel_{k}": v for k, v in pixel_losses(*drawn).items()})
+        if head.quantizer.kind != "identity":
+            with torch.no_grad():
+                stats.add(head.indices(output.bottleneck))
+        return terms
 
     def on_step(step: int) -> dict:
         if head.quantizer.kind == "progressive":
@@ -155,7 +152,17 @@ def build_stage2(cfg: Config) -> Stage:
             return {"fsq_blend": head.quantizer.blend, **stats.summary()}
         return {}
 
-    return Stage(stage.chunks, losses, counts, weights, on_step, stage.flops)
+    stage = _caption_stage(cfg, visual, llm, stage1_features, head_terms,
+                           partial(pixel_counts, prefix="pixel_") if drawing else None,
+                           pixel_weights(cfg, cfg.train.pixel_weight, "pixel_") if drawing else None, decoder)
+    stage.on_step = on_step
+    return stage
+
+
+@dataclass
+class Reconstruction:
+    drawn: list[torch.Tensor]  # the decoder's drawing of each image [3, H, W] in [0, 1]
+    original: list[torch.Tensor]  # the image itself
 
 
 class ReconstructionModel(MegatronModule):
@@ -173,11 +180,14 @@ class ReconstructionModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         """Called by the pipeline schedule; a single stage has no input from another."""
 
-    def forward(self, images) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(reconstructed, original) images as [3, H, W] in [0, 1]. Frozen parts build no graph."""
-        head = self.visual.head
-        quantized = head.quantizer(head.pre_quantization(self.visual.encoder(images), images))
-        return draw(head, self.decoder, quantized, images, self.visual.encoder.patch_size, self.mean, self.std)
+    def forward(self, batch: PackedBatch) -> Reconstruction:
+        """The decoder's drawing of a batch's images from the frozen tokenizer's codes (the
+        tokenizer runs without a graph)."""
+        head, images = self.visual.head, batch.images
+        with torch.no_grad():
+            quantized = head.quantizer(head.pre_quantization(self.visual.encoder(images), images))
+        return Reconstruction(*draw(head, self.decoder, quantized, images, self.visual.encoder.patch_size,
+                                    self.mean, self.std))
 
 
 def draw(head: ViQHead, decoder: PixelDecoder, quantized: torch.Tensor, images, patch: int, mean: torch.Tensor,
@@ -189,15 +199,15 @@ def draw(head: ViQHead, decoder: PixelDecoder, quantized: torch.Tensor, images, 
 
 
 def build_decoder_stage(cfg: Config) -> Stage:
-    """The pixel decoder learns to draw a frozen tokenizer's codes (train.init_from a stage-2 run;
-    freeze [visual]): L1 + SSIM, with PSNR reported."""
+    """The pixel decoder learns to draw a frozen tokenizer's codes (train.init_from a stage-2
+    run): L1 + SSIM, with PSNR reported."""
     model = ReconstructionModel(quantized_input(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
                                 cfg.data.image.mean, cfg.data.image.std)
 
-    def losses(model: ReconstructionModel, batch: PackedBatch) -> tuple[None, dict[str, torch.Tensor]]:
-        return None, pixel_losses(*model(batch.images))
+    def loss_terms(batch: PackedBatch, output: Reconstruction) -> dict[str, torch.Tensor]:
+        return pixel_losses(output.drawn, output.original)
 
-    return Stage([model], losses, pixel_counts, pixel_weights(cfg))
+    return Stage([model], loss_terms, pixel_counts, pixel_weights(cfg), frozen=("visual",))
 
 
 def pixel_counts(batch: PackedBatch, prefix: str = "") -> dict[str, float]:
@@ -210,8 +220,10 @@ def pixel_counts(batch: PackedBatch, prefix: str = "") -> dict[str, float]:
 
 
 def pixel_weights(cfg: Config, scale: float = 1.0, prefix: str = "") -> dict[str, float]:
+    """SSIM first: alone, the decoder stage counts its objective in images (objective.py's unit),
+    not in pixel values, which overflow Megatron's int32 token count on large batches."""
     decoder = cfg.model.decoder
-    return {f"{prefix}l1": scale * decoder.l1_weight, f"{prefix}ssim": scale * decoder.ssim_weight,
+    return {f"{prefix}ssim": scale * decoder.ssim_weight, f"{prefix}l1": scale * decoder.l1_weight,
             f"{prefix}psnr": 0.0}
 
 

@@ -10,6 +10,8 @@ evaluate, save.
 Losses are token-weighted over the whole global batch: the caption loss is the sum of
 per-token losses over every rank and micro-batch divided by the global count of
 answer tokens, so a packed row, one sample alone or DP=2 all give the same number.
+Megatron-Core's schedules do that normalisation (calculate_per_token_loss; see
+training/objective.py); the logged `loss` is the objective the optimizer minimises.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ import resource
 import shutil
 import signal
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,12 +32,14 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from viq_megatron.config import Config, ConfigError
 from viq_megatron.data.conversations import SampleError, read_conversations
 from viq_megatron.data.embedded import write_embedded_dataset
+from viq_megatron.data.loader import row_loader
 from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset, PackedTokenDataset
 from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
 from viq_megatron.models.flops import peak_flops
@@ -41,13 +48,30 @@ from viq_megatron.models.lora import is_adapter
 from viq_megatron.models.provider import llm_arch, params_dtype
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
 from viq_megatron.runtime.errors import InputError, check_writable, writing
+from viq_megatron.runtime.timing import PhaseTimer
 from viq_megatron.training.checkpoint import (latest_checkpoint, left_out, load_checkpoint, load_shared_weights,
                                                save_checkpoint)
 from viq_megatron.training.logs import MetricsLog
+from viq_megatron.training.objective import Objective
 from viq_megatron.training.stages import STAGES
-from viq_megatron.training.torch_adam_resume import materialize_adam_state
+from viq_megatron.training.torch_adam_resume import prepare_resume
 
 log = logging.getLogger("viq_megatron.train")
+
+
+@dataclass
+class LossTotals:
+    """A step's loss sums, on the device: [sum per term, 1 where some rank computed it, count per
+    term], all global."""
+    objective: Objective
+    tensor: torch.Tensor
+
+    def means(self, values: list[float]) -> dict[str, float]:
+        """The objective (`loss`) and each term's global mean, from `tensor`'s values."""
+        names = self.objective.names
+        n = len(names)
+        return self.objective.means({name: values[i] for i, name in enumerate(names) if values[n + i] > 0},
+                                    values[2 * n:3 * n])
 
 
 class AddLossGradient(torch.autograd.Function):
@@ -98,7 +122,7 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
         # Data: offline token files for the discrete stage, conversations with images otherwise.
-        self.counters = {"malformed": 0}
+        self.counters = {"malformed": 0, "skipped_rows": 0}
         if cfg.train.stage == "discrete":
             self.train_data = PackedTokenDataset(cfg.data.train, cfg.data.seq_length, cfg.seed)
             self.val_data = PackedTokenDataset(cfg.data.val, cfg.data.seq_length, cfg.seed, shuffle=False)
@@ -109,10 +133,13 @@ class Trainer:
         # Model (this rank's pipeline chunks), freezing, DDP, optimizer.
         self.stage = STAGES[cfg.train.stage](cfg)
         chunks = self.stage.chunks
+        frozen = (*self.stage.frozen, *cfg.train.freeze)  # frozen parameters never reach the optimizer
         for chunk in chunks:
             for name, param in chunk.named_parameters():  # LoRA adapters train inside frozen modules
-                if any(name == p or name.startswith(p + ".") for p in cfg.train.freeze) and not is_adapter(name):
+                if any(name == p or name.startswith(p + ".") for p in frozen) and not is_adapter(name):
                     param.requires_grad_(False)
+            # Megatron-Core normalises the objective over the global batch (objective.py).
+            chunk.config.calculate_per_token_loss = True
         parameters, trainable = self._global_sum(
             [sum(p.numel() for c in chunks for p in c.parameters()),
              sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)], pipeline=True)
@@ -144,6 +171,8 @@ class Trainer:
         # Slurm sends SIGUSR1 before the time limit (#SBATCH --signal), and SIGTERM on preemption:
         # finish the step, save, exit cleanly.
         self.stop_requested = False
+        self.cpu_group = dist.new_group(backend="gloo")
+        self._loader, self._loader_step = None, None
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._request_stop)
         if is_main_process():
@@ -177,8 +206,11 @@ class Trainer:
         self.stop_requested = True
 
     def _stop_agreed(self) -> bool:
-        """True on every rank once any rank was signalled (they must stop at the same step)."""
-        return self._global_sum([float(self.stop_requested)])[0] > 0 if dist.is_initialized() else self.stop_requested
+        """True on every rank once any rank was signalled (they must stop at the same step). Over
+        a CPU (gloo) group: asking every step costs the device nothing."""
+        flag = torch.tensor([float(self.stop_requested)])
+        dist.all_reduce(flag, group=self.cpu_group)
+        return flag.item() > 0
 
     # ------------------------------------------------------------------ set-up pieces
     def _conversation_data(self, cfg: Config) -> None:
@@ -263,7 +295,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         if self.cfg.parallel.distributed_optimizer:
-            materialize_adam_state(self.optimizer)
+            prepare_resume(self.optimizer)
         state, trainer_state = load_checkpoint(path, self._checkpointed_state(is_loading=True))
         for chunk, key in zip(self.model, self._chunk_keys()):
             chunk.module.load_state_dict(state[key], strict=False)
@@ -279,98 +311,147 @@ class Trainer:
         first = step * per_step + self.dp_rank * self.cfg.train.micro_batches
         return list(range(first, first + self.cfg.train.micro_batches))
 
-    def _global_sum(self, values: list[float], pipeline: bool = False) -> list[float]:
+    def _next_batches(self) -> list[PackedBatch]:
+        """This step's rows, from the DataLoader that has been building them ahead."""
+        if self._loader_step != self.step:  # first step, or a jump (resume): start the workers there
+            self._loader = row_loader(self.train_data, self._rows, self.step, self.cfg.data.num_workers,
+                                      self.cfg.data.prefetch)
+        self._loader_step = self.step + 1
+        return [next(self._loader) for _ in range(self.cfg.train.micro_batches)]
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _reduce(self, tensor: torch.Tensor, pipeline: bool = False) -> torch.Tensor:
         """Sums over data-parallel ranks (every pipeline stage reads the same rows), and with
-        `pipeline` over pipeline stages too (values that one stage computes)."""
-        # NCCL reduces device tensors only.
-        tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        `pipeline` over pipeline stages too (values that one stage computes); on the device,
+        without waiting for the result."""
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
         if pipeline and parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
-        return tensor.tolist()
+        return tensor
 
-    def _losses(self, batches: list[PackedBatch], train: bool) -> dict[str, float]:
+    def _global_sum(self, values: list[float], pipeline: bool = False) -> list[float]:
+        """`_reduce` of host numbers, read back (a host synchronisation: set-up and logging only)."""
+        return self._reduce(torch.tensor(values, dtype=torch.float64, device=self._device()), pipeline).tolist()
+
+    def _losses(self, batches: list[PackedBatch], train: bool) -> LossTotals:
         """Forward (and backward when training) over this rank's batches through Megatron-Core's
-        schedule; global-mean losses."""
-        names = list(self.stage.weights)
-        local_counts = [sum(self.stage.counts(b).get(n, 0.0) for b in batches) for n in names]
-        counts = dict(zip(names, self._global_sum(local_counts)))
-        sums, seen = dict.fromkeys(names, 0.0), set()
+        schedule. Nothing here waits for the device."""
+        stage, names = self.stage, list(self.stage.weights)
+        device = self._device()
+        local_counts = torch.tensor([sum(stage.counts(b).get(n, 0.0) for b in batches) for n in names],
+                                    dtype=torch.float64).to(device)
+        objective = Objective(stage.weights, self._reduce(local_counts))
+        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)  # local sums; 1 where computed
+
+        def record(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            report = {n: v.detach() for n, v in terms.items()}
+            for name, value in report.items():
+                i = names.index(name)
+                sums[i] += value.double()
+                sums[len(names) + i] = 1.0
+            return report
+
+        def loss_func(batch: PackedBatch, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
+            terms = stage.loss_terms(batch, output)
+            return objective.loss(terms), objective.num_tokens(stage.counts(batch)), record(terms)
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
-            module = chunk.module  # DDP hooks sit on the parameters
-            output, values = self.stage.losses(module, batch)
-            for name, value in values.items():
-                sums[name] += value.item()
-                seen.add(name)
-            # The objective is a global sum already: undo DDP's average over data-parallel ranks
-            # and the schedule's division by the micro-batch count.
-            objective = self.dp_size * sum(self.stage.weights[n] * v / max(counts[n], 1.0) for n, v in values.items())
-            if module.post_process:
-                return output, lambda _: (objective * len(batches), {})
-            if train and torch.is_tensor(objective) and objective.requires_grad:
-                output = AddLossGradient.apply(output, objective)  # e.g. distillation on the first stage
-            return output, None
+            output = chunk(batch)
+            if chunk.module.post_process:
+                return output, partial(loss_func, batch)
+            terms = stage.loss_terms(batch, output)  # e.g. distillation, on the first stage
+            record(terms)
+            hidden = output.hidden_states
+            loss = objective.loss(terms)
+            if train and torch.is_tensor(loss) and loss.requires_grad:  # it rides on the output's backward
+                hidden = AddLossGradient.apply(hidden, loss)
+            return hidden, None
 
         if batches:  # a small validation set can leave a data-parallel rank without a row
             get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.model], model=self.model,
                 num_microbatches=len(batches), seq_length=self.cfg.data.seq_length, micro_batch_size=1,
                 forward_only=not train)
-        totals = self._global_sum(list(sums.values()) + [float(n in seen) for n in names], pipeline=True)
-        reported = totals[len(names):]  # a loss some rank computed
-        return {name: total / max(counts[name], 1.0)
-                for name, total, any_rank in zip(names, totals, reported) if any_rank}
+        return LossTotals(objective, torch.cat([self._reduce(sums, pipeline=True), objective.counts]))
 
-    def train_step(self) -> dict[str, float]:
+    def _optimizer_step(self) -> float | None:
+        """Megatron-Core's optimizer step, with the gradient norm read once (the step's one host
+        synchronisation): it clips, and a non-finite norm (a NaN/inf loss or gradient) skips the
+        update on every rank (the norm is global). The norm, or None when skipped."""
+        if self.optimizer.prepare_grads():  # fp16 loss scaling found inf
+            return None
+        grad_norm = self.optimizer.get_grad_norm()
+        if not math.isfinite(grad_norm):
+            return None
+        clip = self.cfg.train.optimizer.clip_grad
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if clip > 0 and optimizer.get_parameters():
+                clip_grad_by_total_norm_fp32(optimizer.get_parameters(), clip, grad_norm)
+        self.optimizer.step_with_ready_grads()
+        return grad_norm
+
+    def _step(self) -> tuple[Callable[[], dict[str, float]], dict]:
+        """One training step: (the function that reads its metrics, which waits for the device:
+        call it on logged steps only; the stage's extra metrics, e.g. codebook statistics)."""
         extra = self.stage.on_step(self.step)
         start = time.perf_counter()
-        batches = [self.train_data[row] for row in self._rows(self.step)]
-        data_time = time.perf_counter() - start
+        batches = self._next_batches()
+        data_time = time.perf_counter() - start  # the wait for rows the workers built
+        timer = PhaseTimer()
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
+            chunk.module.phase_timer = timer
         self.optimizer.zero_grad()
-        visual_model = self.model[0].module  # the visual input runs with the first chunk
-        visual_model.visual_seconds = 0.0
-        losses = self._losses(batches, train=True)
-        compute_done = time.perf_counter()
-        finite = all(math.isfinite(v) for v in losses.values())  # global values: every rank agrees
-        if finite:  # the schedule reduced the gradients already (finalize_model_grads)
-            update_ok, grad_norm, _ = self.optimizer.step()
-            self.nonfinite_in_a_row = 0
-        else:
-            update_ok, grad_norm = False, 0.0
+        with timer.span("forward_backward"):
+            losses = self._losses(batches, train=True)
+        with timer.span("optimizer"):
+            grad_norm = self._optimizer_step()
+        if grad_norm is None:
             self.nonfinite_steps += 1
             self.nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", self.step + 1, losses,
-                        self.nonfinite_in_a_row)
+            log.warning("step %d: non-finite gradient norm (a NaN/inf loss or gradient), update skipped "
+                        "(%d in a row)", self.step + 1, self.nonfinite_in_a_row)
             if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
-                raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss "
+                raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
                                          f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); "
                                          f"stopping at step {self.step + 1}")
+        else:
+            self.nonfinite_in_a_row = 0
         self.scheduler.step(increment=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         self.step += 1
-        end = time.perf_counter()
-        seconds = end - start
-        samples, tokens, flops = self._global_sum([sum(len(b.sources) for b in batches),
-                                                   sum(len(b.tokens) for b in batches),
-                                                   sum(self.stage.flops(b) for b in batches)])
-        flops_per_device = flops / dist.get_world_size() / seconds
-        peak = peak_flops(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        visual_time = getattr(visual_model, "visual_seconds", 0.0)
-        primary = next(iter(losses))
-        return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary},
-                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
-                "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                "tflops_per_device": flops_per_device / 1e12, **({"mfu": flops_per_device / peak} if peak else {}),
-                "step_time_s": seconds, "data_time_s": data_time, "visual_time_s": visual_time,
-                "llm_time_s": compute_done - start - data_time - visual_time, "optimizer_time_s": end - compute_done,
-                "peak_memory_gib": peak_memory_gib(), "skipped": float(update_ok is False),
-                "nonfinite_steps": float(self.nonfinite_steps), **extra}
+        host_time = time.perf_counter() - start
+        self.counters["skipped_rows"] += sum(len(b.skipped) for b in batches)
+        local = [sum(len(b.sources) for b in batches), sum(len(b.tokens) for b in batches),
+                 sum(self.stage.flops(b) for b in batches)]
+        throughput = self._reduce(torch.tensor(local, dtype=torch.float64).to(self._device()))
+        lr, nonfinite_steps = self.optimizer.param_groups[0]["lr"], self.nonfinite_steps
+
+        def read() -> dict[str, float]:
+            values = torch.cat([losses.tensor, throughput]).tolist()  # the one wait of a logged step
+            phases = timer.read()
+            seconds = max(host_time, sum(phases.get(p, 0.0) for p in ("forward_backward", "optimizer")) + data_time)
+            samples, tokens, flops = values[-3:]
+            flops_per_device = flops / dist.get_world_size() / seconds
+            peak = peak_flops(self._device())
+            visual = phases.get("visual", 0.0)
+            return {**losses.means(values[:-3]), "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                    "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                    "tflops_per_device": flops_per_device / 1e12,
+                    **({"mfu": flops_per_device / peak} if peak else {}),
+                    "step_time_s": seconds, "data_time_s": data_time, "visual_time_s": visual,
+                    "llm_time_s": phases["forward_backward"] - visual, "optimizer_time_s": phases["optimizer"],
+                    "peak_memory_gib": peak_memory_gib(), "skipped": float(grad_norm is None),
+                    "nonfinite_steps": float(nonfinite_steps)}
+        return read, extra
+
+    def train_step(self) -> dict[str, float]:
+        """One training step and its metrics."""
+        read, extra = self._step()
+        return {**read(), **extra}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -378,10 +459,10 @@ class Trainer:
             chunk.eval()
         rows = range(min(self.cfg.train.eval_batches * self.dp_size, self.val_data.rows_per_epoch()))
         mine = [self.val_data[r] for r in rows if r % self.dp_size == self.dp_rank]
-        losses = self._losses(mine, train=False)
-        primary = next(iter(losses))
+        totals = self._losses(mine, train=False)
+        losses = totals.means(totals.tensor.tolist())
         perplexity = {"perplexity": math.exp(min(losses["caption"], 50.0))} if "caption" in losses else {}
-        return {"loss": losses[primary], **{k: v for k, v in losses.items() if k != primary}, **perplexity}
+        return {**losses, **perplexity}
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg.train
@@ -392,13 +473,14 @@ class Trainer:
             last_eval = self.evaluate()
             self.metrics.write(self.step, "val", last_eval)
         while self.step < cfg.steps:
-            metrics = self.train_step()
-            if "codebook_usage" in metrics:
-                self.metrics.write(self.step, "codebook", {k: metrics.pop(k) for k in list(metrics)
+            read_metrics, extra = self._step()
+            if "codebook_usage" in extra:
+                self.metrics.write(self.step, "codebook", {k: extra.pop(k) for k in list(extra)
                                                            if k.startswith(("codebook", "codes", "level"))})
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.metrics.write(self.step, "train", {**metrics, "skipped_samples": float(
-                    len(self.train_data.skipped)), "malformed_samples": float(self.counters["malformed"])})
+                self.metrics.write(self.step, "train", {**read_metrics(), **extra, "skipped_samples": float(
+                    len(self.train_data.skipped) + self.counters["skipped_rows"]),
+                    "malformed_samples": float(self.counters["malformed"])})
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 last_eval = self.evaluate()
                 self.metrics.write(self.step, "val", last_eval)
