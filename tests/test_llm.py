@@ -215,3 +215,31 @@ def test_fused_cross_entropy_and_swiglu_equal_the_plain_loss(tmp_path, megatron_
     assert torch.allclose(fused_loss, plain, rtol=1e-5, atol=1e-5)
     for name, grad in plain_grads.items():
         assert (fused_grads[name] - grad).abs().max() <= 2 ** -8 * grad.abs().max(), name
+
+
+def test_rope_from_per_token_angles_equals_megatron_per_sample_rope(tmp_path, megatron_world):
+    """The packed LLM's RoPE, applied once to the whole row from per-token angles (no host reads),
+    gives Megatron-Core's per-sample thd RoPE bit for bit (fp32), and not a run without RoPE."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from viq_megatron.models.attention import PackedRotaryParams
+
+    arch = import_hf_llm(make_tiny_hf("llama", tmp_path / "hf"), tmp_path / "ours")
+    model = build_llm(arch, 1, torch.float32, "local").eval()
+    load_llm_weights(model, tmp_path / "ours")
+    lengths = [7, 12, 5]
+    ids = torch.randint(0, arch.vocab_size, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32)
+    common = dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=12, max_seqlen_kv=12)
+    angles = positions[0, :, None].float() * model.rotary_pos_emb.inv_freq[None]
+
+    def logits(packed):
+        with torch.no_grad():
+            return model(input_ids=ids, position_ids=positions, attention_mask=None, packed_seq_params=packed,
+                         runtime_gather_output=True)
+
+    megatron = logits(PackedSeqParams(**common))
+    ours = logits(PackedRotaryParams(**common, rotary_angles=angles, bounds=cu.tolist()))
+    assert torch.equal(ours, megatron)
+    assert not torch.allclose(logits(PackedRotaryParams(**common, rotary_angles=0 * angles)), megatron, atol=1e-3)

@@ -51,6 +51,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     result = json.loads(result_file.read_text())
     assert len(result["straight"]) == 4 and result["resumed_from"] == 2
     assert result["resumed"] == result["straight"]  # same losses, bit for bit
+    # ... with rows built in DataLoader workers, resumed mid-epoch (step 2 of 4 one-row steps).
+    assert result["num_workers"] >= 1 and result["rows_per_epoch"] > 2
+    # No host read of a computed tensor in the forward/backward of a step (stage 2: caption,
+    # distillation, pixel losses, codebook statistics); one when a logged step is read (steps 2, 4).
+    assert result["schedule_reads"] == [0, 0, 0, 0] and result["logged_step_reads"] == [1, 1]
     # Faults: a NaN loss skips its update and is counted; two in a row stop the job with a clear
     # message; a checkpoint write dying halfway leaves the previous one as the latest, loadable.
     assert result["nan_skipped"] == 1.0 and result["nan_counted"] == 1.0 and result["nan_loss_logged"]

@@ -46,7 +46,79 @@ def single(work: Path) -> dict:
     resumed_from = resumed.step
     resumed.train()
     return {"straight": straight, "resumed": train_losses(work / "resumed"), "resumed_from": resumed_from,
-            **faults(work), **stage2_chain(work)}
+            "rows_per_epoch": resumed.train_data.rows_per_epoch(), "num_workers": resumed.cfg.data.num_workers,
+            **faults(work), **stage2_chain(work), **host_reads(work)}
+
+
+def host_reads(work: Path) -> dict:
+    """Reads of computed tensors (.item(), .tolist(), .cpu(), float(), int(), bool(), .numpy():
+    on a GPU each waits for the device) during training steps. The rows' own tensors are host
+    data and do not count, nor do the rows' metadata accessors in data/ (host arithmetic on
+    them). Per step: in the forward/backward schedule, and when a logged step's metrics are read."""
+    import sys
+    from viq_megatron.training.trainer import Trainer
+
+    trainer = Trainer(tiny_train_config(work / "reads", "train.steps=4", "train.log_every=2", "train.stage=stage2",
+                                        HEAD, DECODER, "train.pixel_weight=0.5", "train.freeze=[llm]"))
+    host, counts, active = set(), {"n": 0}, {"on": False}
+
+    def storage(t):
+        return t.untyped_storage().data_ptr()
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if active["on"] and storage(self) not in host and "/viq_megatron/data/" not in \
+                    sys._getframe(1).f_code.co_filename:
+                counts["n"] += 1
+            return original(self, *args, **kwargs)
+        return original, read
+
+    originals = {}
+    for name in ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "numpy"):
+        originals[name], patched = counting(name)
+        setattr(torch.Tensor, name, patched)
+    next_batches, losses, step = trainer._next_batches, trainer._losses, trainer._step
+    schedule, logged = [], []
+
+    def registered_batches():
+        batches = next_batches()
+        for b in batches:
+            for images in (b.images, b.teacher_images):
+                if images is not None:
+                    host.update(storage(t) for t in (images.patches, images.grids, images.cu_seqlens))
+            host.update(storage(t) for t in (b.tokens, b.labels, b.loss_mask, b.position_ids, b.cu_seqlens,
+                                             b.visual_positions) if t is not None)
+        return batches
+
+    def counted_losses(*args, **kwargs):
+        before, active["on"] = counts["n"], True
+        try:
+            return losses(*args, **kwargs)
+        finally:
+            active["on"] = False
+            schedule.append(counts["n"] - before)
+
+    def counted_step():
+        read, extra = step()
+
+        def counted_read():
+            before, active["on"] = counts["n"], True
+            try:
+                return read()
+            finally:
+                active["on"] = False
+                logged.append(counts["n"] - before)
+        return counted_read, extra
+
+    trainer._next_batches, trainer._losses, trainer._step = registered_batches, counted_losses, counted_step
+    try:
+        trainer.train()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return {"schedule_reads": schedule, "logged_step_reads": logged}
 
 
 def faults(work: Path) -> dict:

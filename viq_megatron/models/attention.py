@@ -1,13 +1,19 @@
-"""Core attention over packed sequences with torch's scaled_dot_product_attention.
+"""Core attention over packed sequences, where Transformer Engine's packed (thd) attention
+is unavailable: every CPU run, and GPUs without TE. Megatron's local `DotProductAttention`
+rejects `PackedSeqParams` outright.
 
-Fills Megatron-Core's `core_attention` slot where Transformer Engine's packed (thd)
-attention is unavailable: every CPU run, and GPUs without TE. Megatron's local
-`DotProductAttention` rejects `PackedSeqParams` outright.
+- On CUDA in half precision: one call of torch's fused variable-length attention
+  (`varlen_attn`, FlashAttention over `cu_seqlens`, causal by window) for the whole pack,
+  grouped-query attention included, with `num_splits=1` so that a sequence's output does not
+  depend on what it was packed with.
+- Elsewhere (CPU, fp32, dropout): one SDPA call per sequence of the pack, not one call with
+  a block-diagonal mask: no work on masked-out blocks, and a sequence's output is bit for bit
+  independent of its neighbours (what makes an image's codes independent of its pack).
 
-Each sequence of the pack gets its own SDPA call, not one call with a block-diagonal
-mask over the whole pack: no work is spent on masked-out blocks, and a sequence's
-output does not depend on its neighbours, bit for bit (the property that makes an
-image's codes independent of what it was packed with).
+RoPE from per-token angles (`PackedRotaryParams.rotary_angles`) is applied here, to the
+whole pack at once: the 2D RoPE of the ViQ head and the pixel decoder, and the LLM's RoPE
+(`PackedRopeSelfAttention` then skips Megatron-Core's, which loops over the samples with
+host reads of `cu_seqlens`).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -26,12 +33,32 @@ from megatron.core.utils import divide, get_pg_size
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.10
+    varlen_attn = None
+
+
 @dataclass
 class PackedRotaryParams(PackedSeqParams):
-    """Packed-sequence parameters that also carry per-token rotary angles [tokens, head_dim / 2],
-    for positions Megatron's 1-D RoPE cannot express (2D RoPE over an image's patch grid)."""
+    """Packed-sequence parameters that also carry per-token rotary angles [tokens, head_dim / 2]
+    (2D RoPE over an image's patch grid, or the LLM's positions restarting per sample), and the
+    sequence bounds on the host (the per-sequence path then reads nothing from the device)."""
 
     rotary_angles: Optional[torch.Tensor] = None
+    bounds: Optional[list[int]] = None
+
+
+class PackedRopeSelfAttention(SelfAttention):
+    """Megatron-Core's SelfAttention; when the packed parameters carry per-token angles, RoPE is
+    left to the core attention (one pass over the pack) instead of Megatron-Core's own."""
+
+    def forward(self, hidden_states, attention_mask=None, *args, rotary_pos_emb=None, packed_seq_params=None,
+                **kwargs):
+        if getattr(packed_seq_params, "rotary_angles", None) is not None:
+            rotary_pos_emb = None
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb,
+                               packed_seq_params=packed_seq_params, **kwargs)
 
 
 def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -98,10 +125,20 @@ class PackedSDPAttention(MegatronModule):
         if angles is not None:
             query, key = apply_rotary(query, angles), apply_rotary(key, angles)
         if packed_seq_params is not None:
-            # thd: query [tokens, heads, d]; one SDPA call per sequence.
-            # [1, heads, L, d] views of the token-major memory: no copies, and the layout
-            # torch's CPU flash kernel reads fastest (2-3x faster than 3-D head-major inputs).
-            bounds = packed_seq_params.cu_seqlens_q.tolist()
+            # thd: query [tokens, heads, d].
+            dropout = self.dropout_p if self.training else 0.0
+            if varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) \
+                    and dropout == 0:
+                cu = packed_seq_params.cu_seqlens_q.to(torch.int32)
+                longest = packed_seq_params.max_seqlen_q
+                out = varlen_attn(query, key, value, cu, cu, longest, longest, scale=self.softmax_scale,
+                                  window_size=(-1, 0) if causal else (-1, -1),
+                                  enable_gqa=self.num_query_groups != self.num_heads, num_splits=1)
+                return out.reshape(query.shape[0], -1)
+            # One SDPA call per sequence, on [1, heads, L, d] views of the token-major memory: no
+            # copies, and the layout torch's CPU flash kernel reads fastest (2-3x faster than
+            # 3-D head-major inputs).
+            bounds = getattr(packed_seq_params, "bounds", None) or packed_seq_params.cu_seqlens_q.tolist()
             outputs = [
                 self._attend(*(t[a:b].unsqueeze(0).transpose(1, 2) for t in (query, key, value)), causal)[0]
                 .transpose(0, 1)

@@ -54,16 +54,17 @@ class PixelDecoder(MegatronModule):
     def forward(self, subtokens: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """Sub-token features [4N, s], patch-major per image, with patch grids [images, 2]
         -> pixel blocks [4N, 8*8*3] in raster order of each image's fine grid."""
-        fine_grids = grids * 2
-        counts = (fine_grids[:, 0] * fine_grids[:, 1]).tolist()
-        order, offset = [], 0
-        for (gh, gw), n in zip(grids.tolist(), counts):
-            order.append(raster_order(gh, gw) + offset)
-            offset += n
-        x = row_blocked(self.input, subtokens[torch.cat(order).to(subtokens.device)])
+        # The layout is host arithmetic on the (host) grids: nothing here waits for the device.
+        patch_grids = grids.tolist()
+        fine_grids = [(2 * gh, 2 * gw) for gh, gw in patch_grids]
+        bounds = [0]
+        order = []
+        for (gh, gw), (fh, fw) in zip(patch_grids, fine_grids):
+            order.append(raster_order(gh, gw) + bounds[-1])
+            bounds.append(bounds[-1] + fh * fw)
+        x = row_blocked(self.input, subtokens[torch.cat(order).to(subtokens.device, non_blocking=True)])
         head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
-        packed = packed_params([0] + torch.tensor(counts).cumsum(0).tolist(), x.device,
-                               grid_rope_angles(fine_grids, head_dim, self.cfg.rope_base))
+        packed = packed_params(bounds, x.device, grid_rope_angles(fine_grids, head_dim, self.cfg.rope_base))
         h = row_blocked(lambda rows: self.blocks(hidden_states=rows.unsqueeze(1), attention_mask=None,
                                                  packed_seq_params=packed).squeeze(1), x)
         return row_blocked(self.output, h)
@@ -72,7 +73,7 @@ class PixelDecoder(MegatronModule):
 def drawn_and_original(blocks: torch.Tensor, images: PackedImages, patch: int, mean: torch.Tensor,
                        std: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The decoder's pixel blocks of packed images and those images, each as [3, H, W] in [0, 1]."""
-    bounds = (images.cu_seqlens * 4).tolist()
+    bounds = [4 * b for b in images.cu_seqlens.tolist()]
     scale, shift = std[:, None, None], mean[:, None, None]
     drawn, original = [], []
     for k, grid in enumerate(images.grids.tolist()):

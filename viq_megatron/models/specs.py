@@ -18,7 +18,7 @@ import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from viq_megatron import GPU_EXTRAS
 from viq_megatron.config import ConfigError
-from viq_megatron.models.attention import PackedSDPAttention
+from viq_megatron.models.attention import PackedRopeSelfAttention, PackedSDPAttention
 
 log = logging.getLogger(__name__)
 _said_local = False
@@ -119,7 +119,7 @@ def transformer_layer_spec(impl: str, causal: bool) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=WrappedTorchNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=PackedRopeSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column,

@@ -50,12 +50,13 @@ class ResidualMLP(torch.nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-def grid_rope_angles(grids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
-    """2D RoPE angles [patches, head_dim / 2]: half the frequencies encode the row, half the column."""
+def grid_rope_angles(grids: list[tuple[int, int]], head_dim: int, base: float) -> torch.Tensor:
+    """2D RoPE angles [patches, head_dim / 2] of images with (rows, columns) `grids`, on the host:
+    half the frequencies encode the row, half the column."""
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
     rows, cols = [], []
-    for grid_h, grid_w in grids.tolist():
+    for grid_h, grid_w in grids:
         r, c = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
         rows.append(r.reshape(-1))
         cols.append(c.reshape(-1))
@@ -92,7 +93,7 @@ class ViQHead(MegatronModule):
         self.affine_shift = torch.nn.Parameter(torch.zeros(width, dtype=params_dtype))
 
     def _packed(self, images: PackedImages, rope: bool) -> PackedRotaryParams:
-        angles = grid_rope_angles(images.grids, self.cfg.subtoken_size, self.cfg.rope_base) if rope else None
+        angles = grid_rope_angles(images.grids.tolist(), self.cfg.subtoken_size, self.cfg.rope_base) if rope else None
         return packed_params(images.cu_seqlens.tolist(), self.expand.weight.device, angles)
 
     def _blocks(self, block: TransformerBlock, x: torch.Tensor, packed: PackedRotaryParams) -> torch.Tensor:

@@ -70,7 +70,7 @@ def packed_params(cu_seqlens: list[int], device: torch.device,
     if rotary_angles is not None:
         rotary_angles = F.pad(rotary_angles.to(device), (0, 0, 0, padded - rows))
     return PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                              max_seqlen_kv=longest, rotary_angles=rotary_angles)
+                              max_seqlen_kv=longest, rotary_angles=rotary_angles, bounds=bounds)
 
 
 def row_blocked(fn, x: torch.Tensor) -> torch.Tensor:

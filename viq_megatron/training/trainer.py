@@ -438,7 +438,8 @@ class Trainer:
             flops_per_device = flops / dist.get_world_size() / seconds
             peak = peak_flops(self._device())
             visual = phases.get("visual", 0.0)
-            return {**losses.means(values[:-3]), "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+            return {**losses.means(values[:-3]), "lr": lr,
+                    "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                     "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
                     "tflops_per_device": flops_per_device / 1e12,
                     **({"mfu": flops_per_device / peak} if peak else {}),
