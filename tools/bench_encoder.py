@@ -1,9 +1,12 @@
-"""Packed native-resolution encoding vs the usual pad-every-image-to-the-largest batch.
+"""Packed native-resolution encoding vs padded batches: every image padded to the largest,
+and the stronger length-bucketed batches (images sorted by length, each batch padded to its
+own largest).
 
     .venv/bin/python tools/bench_encoder.py [--config examples/encoder_tiny_cpu.yaml] [key=value ...]
 
-Both paths run the same encoder weights on the same images (the embedded photo mix by
-default) in one process, alternating, and count only real (non-padding) patches.
+All paths run the same encoder weights on the same images (the embedded photo mix by
+default) in one process, alternating, within the same token budget per forward
+(data.tokens_per_pack), and count only real (non-padding) patches.
 """
 from __future__ import annotations
 
@@ -53,6 +56,13 @@ def main() -> None:
     # The padded batch holds as many padded slots as fit the same token budget per forward.
     per_batch = max(1, cfg.data.tokens_per_pack // longest)
     batches = [images[i:i + per_batch] for i in range(0, len(images), per_batch)]
+    buckets, computed = [], 0  # by length: a batch grows while (images x its longest) fits the budget
+    for image in sorted(images, key=lambda im: im.num_patches):
+        if buckets and (len(buckets[-1]) + 1) * image.num_patches <= cfg.data.tokens_per_pack:
+            buckets[-1].append(image)
+        else:
+            buckets.append([image])
+    computed = sum(len(b) * max(im.num_patches for im in b) for b in buckets)
 
     def sync():
         if device.type == "cuda":
@@ -66,17 +76,23 @@ def main() -> None:
         for batch in batches:
             padded_forward(encoder, batch, device, dtype)
 
-    times = {"packed": [], "padded": []}
+    def run_bucketed():
+        for batch in buckets:
+            padded_forward(encoder, batch, device, dtype)
+
+    runs = {"packed": run_packed, "padded": run_padded, "bucketed": run_bucketed}
+    times = {name: [] for name in runs}
     with torch.no_grad():
-        run_packed(), run_padded()  # warm-up
+        for fn in runs.values():  # warm-up
+            fn()
         for _ in range(args.repeats):
-            for name, fn in (("packed", run_packed), ("padded", run_padded)):
+            for name, fn in runs.items():
                 sync()
                 start = time.perf_counter()
                 fn()
                 sync()
                 times[name].append(time.perf_counter() - start)
-    packed_s, padded_s = statistics.median(times["packed"]), statistics.median(times["padded"])
+    packed_s, padded_s, bucketed_s = (statistics.median(times[name]) for name in runs)
     padding = 1 - real / (longest * len(images))
     print(f"{len(images)} images ({len(skipped)} skipped), {real} real patches, largest {longest}; "
           f"{impl} layers, {str(dtype).removeprefix('torch.')}, {device.type}, "
@@ -85,7 +101,9 @@ def main() -> None:
           f"{real / packed_s:,.0f} patches/s")
     print(f"padded : {len(batches)} batches of <= {per_batch} images x {longest}, {padded_s:.3f} s, "
           f"{real / padded_s:,.0f} patches/s, {padding:.1%} of computed tokens are padding")
-    print(f"packed / padded throughput: {padded_s / packed_s:.2f}x")
+    print(f"bucketed: {len(buckets)} length-sorted batches, {bucketed_s:.3f} s, {real / bucketed_s:,.0f} patches/s, "
+          f"{1 - real / computed:.1%} of computed tokens are padding")
+    print(f"packed / padded throughput: {padded_s / packed_s:.2f}x; packed / bucketed: {bucketed_s / packed_s:.2f}x")
     shutdown()
 
 

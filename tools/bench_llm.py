@@ -4,8 +4,11 @@
     python tools/bench_llm.py --model qwen2.5-0.5b --seq-length 4096 --compare-te   # GPU with TE
 
 One packed row of `--seq-length` tokens holding `--samples-per-row` samples per step
-(forward, backward, no optimizer), bf16 on CUDA / fp32 on CPU. Prints tokens/s, model
-TFLOP/s (counted FLOPs, 3x forward) and MFU where the device's peak is known.
+(forward, backward, no optimizer), bf16 on CUDA / fp32 on CPU, as training runs it: RoPE
+from per-token angles in one pass, the fused attention and (on CUDA) Megatron-Core's fused
+cross-entropy and SwiGLU. Prints tokens/s, model TFLOP/s (counted FLOPs, 3x forward), MFU
+where the device's peak is known, host synchronisations and operators per step, and the
+same step with Megatron-Core's per-sample packed RoPE (the path before) for comparison.
 `--compare-te` times local layers, TE layers in bf16 and TE in FP8 (delayed and current
 scaling) side by side in one process, after checking that TE layers given the local
 model's weights compute the same loss (bf16 tolerance).
@@ -36,7 +39,7 @@ def main() -> None:
 
     from viq_megatron.config import LLMArch, ParallelConfig
     from viq_megatron.models.flops import llm_forward_flops, peak_flops
-    from viq_megatron.models.llm import build_llm
+    from viq_megatron.models.llm import build_llm, packed_rows
     from viq_megatron.models.specs import te_layer_names
     from viq_megatron.runtime.distributed import initialize, shutdown
 
@@ -57,28 +60,50 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     device = torch.device("cuda" if cuda else "cpu")
     lengths = [args.seq_length // args.samples_per_row] * args.samples_per_row
-    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
-                             max_seqlen_kv=max(lengths))
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    megatron_rope = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                                    max_seqlen_kv=max(lengths))
     tokens = torch.randint(0, vocab, (1, sum(lengths)), device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])
 
-    def loss_of(model) -> torch.Tensor:
-        return model(input_ids=tokens, position_ids=positions, attention_mask=None, labels=tokens,
+    def loss_of(model, packed=None) -> torch.Tensor:
+        packed = packed or packed_rows(model, bounds, positions)
+        return model(input_ids=tokens, position_ids=positions.to(device)[None], attention_mask=None, labels=tokens,
                      packed_seq_params=packed).float().mean()
 
-    def time_step(model) -> float:
+    def time_step(model, packed=None) -> float:
         def step() -> float:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            loss_of(model).backward()
+            loss_of(model, packed).backward()
             if cuda:
                 torch.cuda.synchronize()
             return time.perf_counter() - start
 
         step()
         return statistics.median(step() for _ in range(args.steps))
+
+    def syncs_and_operators(model, packed=None) -> str:
+        """Host synchronisations (CUDA's sync debug mode) and operators dispatched in one step."""
+        import warnings
+
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss_of(model, packed).backward()
+        operators = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+        if not cuda:
+            return f"{operators} operators/step"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss_of(model, packed).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return f"{sum('synchroniz' in str(w.message) for w in caught)} host syncs/step, {operators} operators/step"
 
     def report(name: str, seconds: float, baseline: float | None = None) -> None:
         flops = 3 * llm_forward_flops(arch, lengths) / seconds
@@ -89,9 +114,12 @@ def main() -> None:
               f"{device.type}: {seconds * 1e3:.1f} ms/step, {sum(lengths) / seconds:,.0f} tokens/s, "
               f"{flops / 1e12:.1f} TFLOP/s" + (f", MFU {flops / peak:.1%}" if peak else "") + memory + ratio)
 
-    local = build_llm(arch, 1, dtype, "local")
+    local = build_llm(arch, 1, dtype, "local", fused=cuda)
     baseline = time_step(local)
-    report("local layers", baseline)
+    report(f"local layers{', fused CE + SwiGLU' if cuda else ''}", baseline)
+    print(f"  {syncs_and_operators(local)}")
+    report("local layers, Megatron-Core's per-sample packed RoPE (before)", time_step(local, megatron_rope))
+    print(f"  {syncs_and_operators(local, megatron_rope)}")
     if args.compare_te:
         with torch.no_grad():
             reference = loss_of(local).item()

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # GPU check for one H100/H200, under 8 minutes: the CUDA/NCCL path in bf16.
-#   bash tools/gpu_check.sh [OUT_DIR]
-# 1. the test suite's CUDA-capable parts (the CPU compatibility layer must stay off);
+#   bash tools/gpu_check.sh [OUT_DIR]     (default docs/gpu_check/<date>; the log is gpu_check.log)
+# 1. the test suite's CUDA-capable parts (the CPU compatibility layer must stay off), with the
+#    GPU parity checks: fused varlen attention vs the per-sequence path, a sequence alone vs
+#    packed (bitwise), Megatron-Core's fused cross-entropy and SwiGLU;
 # 2. the main job on the SO400M-sized encoder in bf16: throughput, TFLOP/s, MFU;
-# 3. packed native-resolution vs padded batches, bf16;
-# 4. the LLM training step (Qwen2.5-0.5B / 1.5B shapes, packed 4K rows): tokens/s, MFU;
-#    the discrete vs continuous speedup at full size, 4K and 8K rows;
+# 3. packed native-resolution vs padded and length-bucketed padded batches, bf16;
+# 4. the LLM training step (Qwen2.5-0.5B / 1.5B shapes, packed 4K rows): tokens/s, MFU, host
+#    syncs and operators per step, beside the step with Megatron-Core's per-sample RoPE;
+#    the discrete vs continuous speedup (frozen and trained SO400M encoder) at 4K and 16K rows;
 # 5. a seconds-long stage 1 in bf16 through the training loop (DDP, optimizer, checkpoints);
 # 6. with Transformer Engine installed (clusters; not the lent GPU): the same encode with TE
 #    layers; TE vs local parity on the LLM and FP8 (delayed, current) vs bf16 step throughput.
@@ -13,7 +16,7 @@
 # from .whl/ (pip download megatron-core==0.19.2 for its Python; see README).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out=${1:-gpu_check_out}
+out=${1:-docs/gpu_check/$(date +%F)}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c 'import megatron.core' 2>/dev/null; then
@@ -34,8 +37,10 @@ step "LLM step, Qwen2.5-0.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-0.5b --seq-length 4096 --samples-per-row 4 --steps 10
 step "LLM step, Qwen2.5-1.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-1.5b --seq-length 4096 --samples-per-row 4 --steps 10
-step "discrete vs continuous speedup, SO400M + Qwen2.5-0.5B/1.5B at full size, 4K and 8K rows, bf16" \
-    python3 tools/bench_speedup.py --width-scale 1 --depth-scale 1 --seq-lengths 4096 8192 --encoder trained --steps 5
+for encoder in frozen trained; do
+    step "discrete vs continuous, SO400M ($encoder) + Qwen2.5-0.5B/1.5B at full size, 4K and 16K rows, bf16" \
+        python3 tools/bench_speedup.py --width-scale 1 --depth-scale 1 --seq-lengths 4096 16384 --encoder $encoder --steps 3
+done
 step "stage 1 smoke, bf16, CUDA/NCCL" \
     torchrun --nproc-per-node 1 -m viq_megatron.train --config examples/stage1_smoke.yaml \
     model.params_dtype=bfloat16 train.output_dir=/tmp/viq_stage1_smoke

@@ -173,7 +173,10 @@ class ModelConfig:
     # auto: bfloat16 on CUDA, float32 on CPU.
     params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # FP8 training on Hopper with Transformer Engine layers: delayed or current (per-tensor)
-    # scaling; the quantizer's own arithmetic stays in fp32. Needs TE.
+    # scaling; the quantizer's own arithmetic stays in fp32. Needs TE. transformer_impl and fp8
+    # reach the encoder, the LLM and the head's pre-blocks; the head's sub-token blocks and the
+    # pixel decoder always run local layers in params_dtype (their 2D RoPE lives in our core
+    # attention), which is logged once when TE layers are chosen.
     fp8: Literal["off", "delayed", "current"] = "off"
     # Megatron-Core's non-TE fused kernels in the LLM (cross-entropy without fp32 copies of the
     # logits, SwiGLU), compiled by torch.compile: auto uses them on CUDA in bfloat16 (on CPU the

@@ -8,8 +8,11 @@ exactly what an uninterrupted run read.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import signal
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -29,11 +32,28 @@ class StepRows(Sampler[int]):
             yield from self.rows_of_step(step)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR1 before the time
+    limit): the training process finishes its step and saves, then shuts its workers down, so a
+    worker must not die first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def row_loader(dataset: Dataset, rows_of_step: Callable[[int], list[int]], start: int, workers: int,
                prefetch: int) -> Iterator[PackedBatch]:
     """Batches of rows `rows_of_step(start)`, then of the next steps; `workers` 0 builds them here."""
     # The HF tokenizer's own threads must not be forked into the workers (its documented remedy).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return iter(DataLoader(dataset, batch_size=None, sampler=StepRows(rows_of_step, start), num_workers=workers,
+    rows = iter(DataLoader(dataset, batch_size=None, sampler=StepRows(rows_of_step, start), num_workers=workers,
                            prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
-                           persistent_workers=False))
+                           persistent_workers=False, worker_init_fn=_ignore_stop_signals if workers else None))
+    if workers:  # they ignore SIGTERM, so multiprocessing's exit-time terminate() cannot end them
+        atexit.register(_shut_down, weakref.ref(rows))
+    return rows
+
+
+def _shut_down(rows: weakref.ref) -> None:
+    """Tells a loader's workers to finish (before multiprocessing's own exit handler runs)."""
+    if (iterator := rows()) is not None:
+        iterator._shutdown_workers()

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -84,7 +84,7 @@ class PackedSDPAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("PackedSDPAttention does not support context parallelism; use Transformer Engine")
-        tp_size = tensor_parallel.get_tensor_model_parallel_world_size() if pg_collection is None \
+        tp_size = parallel_state.get_tensor_model_parallel_world_size() if pg_collection is None \
             else get_pg_size(pg_collection.tp)  # 1 for a module built without process groups
         self.num_heads = divide(config.num_attention_heads, tp_size)
         self.num_query_groups = divide(config.num_query_groups or config.num_attention_heads, tp_size)

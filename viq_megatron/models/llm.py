@@ -16,7 +16,22 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from viq_megatron.config import ConfigError, LLMArch
+from viq_megatron.models.attention import PackedRotaryParams
 from viq_megatron.models.specs import common_config_kwargs, transformer_layer_spec
+
+
+def packed_rows(llm: GPTModel, bounds: list[int], position_ids: torch.Tensor) -> PackedRotaryParams:
+    """Packed-sequence parameters for a row of samples with host `bounds` (cu_seqlens) and
+    `position_ids` [T] restarting per sample: each token's RoPE angles, which the local layers
+    apply in one pass over the row (TE layers use Megatron-Core's RoPE). Nothing is read back
+    from the device."""
+    inv_freq = llm.rotary_pos_emb.inv_freq
+    device = inv_freq.device
+    cu = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    angles = position_ids.to(device, non_blocking=True)[:, None].float() * inv_freq[None]
+    return PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                              max_seqlen_kv=longest, rotary_angles=angles, bounds=bounds)
 
 
 def llm_transformer_config(arch: LLMArch, tensor_parallel: int, params_dtype: torch.dtype,

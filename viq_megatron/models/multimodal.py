@@ -18,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.data.multimodal import PackedBatch
-from viq_megatron.models.attention import PackedRotaryParams
+from viq_megatron.models.llm import packed_rows
 from viq_megatron.models.pooling import AttentionPooling
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import NativeResolutionViT, row_blocked
@@ -157,15 +157,7 @@ class VisionLanguageModel(MegatronModule):
                 slots = batch.visual_positions.to(device, non_blocking=True)
                 embeddings = embeddings.index_put((slots, torch.zeros_like(slots)),
                                                   visual.embeddings.to(embeddings.dtype))
-        cu_seqlens = batch.cu_seqlens.to(device, non_blocking=True)
-        # RoPE angles per token, positions restarting per sample, for the whole row at once (the
-        # local layers apply them in the core attention; TE layers use Megatron-Core's RoPE).
-        # max_seqlen must be the longest sample, not the row.
-        inv_freq = self.llm.rotary_pos_emb.inv_freq
-        angles = batch.position_ids.to(device, non_blocking=True)[:, None].float() * inv_freq[None]
-        packed = PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                                    max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen,
-                                    rotary_angles=angles, bounds=batch.cu_seqlens.tolist())
+        packed = packed_rows(self.llm, batch.cu_seqlens.tolist(), batch.position_ids)
         output = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
                           labels=batch.labels.to(device, non_blocking=True)[None], packed_seq_params=packed)
         if self.post_process:

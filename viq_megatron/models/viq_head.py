@@ -15,6 +15,8 @@ One code per 8x8 pixels, four per 16x16 patch.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -27,6 +29,7 @@ from viq_megatron.models.quantizers import FSQ_PRESETS, Quantizer
 from viq_megatron.models.specs import STANDALONE, transformer_block
 from viq_megatron.models.vit import bidirectional_transformer_config, packed_params, row_blocked
 
+log = logging.getLogger(__name__)
 SUBTOKENS = 4  # 2x2 per patch
 
 
@@ -80,6 +83,9 @@ class ViQHead(MegatronModule):
         self.expand_mlp = MLP(s, s, s, params_dtype)
         # 2D RoPE lives in our packed attention, so these blocks always take the local spec.
         subtoken_impl = STANDALONE if impl == STANDALONE else "local"
+        if impl == "transformer_engine":
+            log.info("ViQ head: pre-blocks on Transformer Engine layers%s; sub-token blocks on local layers "
+                     "(their 2D RoPE is applied in our core attention)", f" (FP8 {fp8})" if fp8 != "off" else "")
         subtoken_config = bidirectional_transformer_config(
             SUBTOKENS * s, cfg.subtoken_layers, SUBTOKENS, cfg.subtoken_ffn_size, encoder.layernorm_epsilon,
             tensor_parallel, params_dtype, subtoken_impl)

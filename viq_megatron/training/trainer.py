@@ -495,5 +495,6 @@ class Trainer:
                 break
         if self.step >= cfg.steps and is_main_process():
             (self.output_dir / "finished").write_text(f"{self.step}\n")  # the launcher requeues until then
+        self._loader = self._loader_step = None  # its workers finish
         self.metrics.close()
         return last_eval
