@@ -45,7 +45,7 @@ from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
 from viq_megatron.models.flops import peak_flops
 from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.models.lora import is_adapter
-from viq_megatron.models.provider import llm_arch, params_dtype
+from viq_megatron.models.provider import device, llm_arch, params_dtype
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
 from viq_megatron.runtime.errors import InputError, check_writable, writing
 from viq_megatron.runtime.timing import PhaseTimer
@@ -319,9 +319,6 @@ class Trainer:
         self._loader_step = self.step + 1
         return [next(self._loader) for _ in range(self.cfg.train.micro_batches)]
 
-    def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
     def _reduce(self, tensor: torch.Tensor, pipeline: bool = False) -> torch.Tensor:
         """Sums over data-parallel ranks (every pipeline stage reads the same rows), and with
         `pipeline` over pipeline stages too (values that one stage computes); on the device,
@@ -333,17 +330,16 @@ class Trainer:
 
     def _global_sum(self, values: list[float], pipeline: bool = False) -> list[float]:
         """`_reduce` of host numbers, read back (a host synchronisation: set-up and logging only)."""
-        return self._reduce(torch.tensor(values, dtype=torch.float64, device=self._device()), pipeline).tolist()
+        return self._reduce(torch.tensor(values, dtype=torch.float64, device=device()), pipeline).tolist()
 
     def _losses(self, batches: list[PackedBatch], train: bool) -> LossTotals:
         """Forward (and backward when training) over this rank's batches through Megatron-Core's
         schedule. Nothing here waits for the device."""
         stage, names = self.stage, list(self.stage.weights)
-        device = self._device()
         local_counts = torch.tensor([sum(stage.counts(b).get(n, 0.0) for b in batches) for n in names],
-                                    dtype=torch.float64).to(device)
+                                    dtype=torch.float64).to(device())
         objective = Objective(stage.weights, self._reduce(local_counts))
-        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)  # local sums; 1 where computed
+        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device())  # local sums; 1 where computed
 
         def record(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             report = {n: v.detach() for n, v in terms.items()}
@@ -427,7 +423,7 @@ class Trainer:
         self.counters["skipped_rows"] += sum(len(b.skipped) for b in batches)
         local = [sum(len(b.sources) for b in batches), sum(len(b.tokens) for b in batches),
                  sum(self.stage.flops(b) for b in batches)]
-        throughput = self._reduce(torch.tensor(local, dtype=torch.float64).to(self._device()))
+        throughput = self._reduce(torch.tensor(local, dtype=torch.float64).to(device()))
         lr, nonfinite_steps = self.optimizer.param_groups[0]["lr"], self.nonfinite_steps
 
         def read() -> dict[str, float]:
@@ -436,7 +432,7 @@ class Trainer:
             seconds = max(host_time, sum(phases.get(p, 0.0) for p in ("forward_backward", "optimizer")) + data_time)
             samples, tokens, flops = values[-3:]
             flops_per_device = flops / dist.get_world_size() / seconds
-            peak = peak_flops(self._device())
+            peak = peak_flops(device())
             visual = phases.get("visual", 0.0)
             return {**losses.means(values[:-3]), "lr": lr,
                     "grad_norm": grad_norm if grad_norm is not None else float("nan"),
