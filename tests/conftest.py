@@ -84,7 +84,7 @@ TINY_TRAIN = [
     "model.llm.tokenizer.kind=sentencepiece", "model.llm.tokenizer.sentencepiece_vocab_size=400",
     "data.embedded.train_scenes=24", "data.embedded.val_scenes=6",
     "data.image.min_pixels=1024", "data.image.max_pixels=4096", "data.seq_length=256",
-    "data.teacher_image_size=32", "train.steps=4", "train.log_every=1", "train.eval_every=0",
+    "data.teacher_image_size=32", "data.num_workers=0", "train.steps=4", "train.log_every=1", "train.eval_every=0",
     "train.save_every=0", "train.optimizer.warmup_steps=1", "train.optimizer.lr=0.001",
 ]
 

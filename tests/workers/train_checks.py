@@ -34,8 +34,9 @@ def run(output_dir: Path, *overrides: str) -> list[float]:
 def single(work: Path) -> dict:
     from viq_megatron.training.trainer import Trainer
 
-    # LoRA on the frozen LLM: the adapters train, are checkpointed and resumed.
-    lora = ("model.llm.lora.rank=4", "train.freeze=[llm]")
+    # LoRA on the frozen LLM: the adapters train, are checkpointed and resumed; rows come from
+    # DataLoader workers.
+    lora = ("model.llm.lora.rank=4", "train.freeze=[llm]", "data.num_workers=2")
     straight = run(work / "straight", *lora)
     stopped = Trainer(tiny_train_config(work / "resumed", *lora))
     while stopped.step < 2:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler (which terminates workers) must run after ours
 import os
 import signal
-import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -32,11 +33,21 @@ class StepRows(Sampler[int]):
             yield from self.rows_of_step(step)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+# Set when the training process exits; its workers inherit it.
+_main_exiting = multiprocessing.Event()
+atexit.register(_main_exiting.set)
+
+
+def _stop_signals_to_the_main_process(worker_id: int) -> None:
     """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR1 before the time
-    limit): the training process finishes its step and saves, then shuts its workers down, so a
-    worker must not die first."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    limit): the training process finishes its step and saves, so a worker must not die first
+    (torch would fail the step). A SIGTERM once the training process is exiting is its own
+    shutdown of the workers, and ends the worker."""
+    def on_sigterm(signum, frame):
+        if _main_exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
@@ -47,13 +58,6 @@ def row_loader(dataset: Dataset, rows_of_step: Callable[[int], list[int]], start
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = iter(DataLoader(dataset, batch_size=None, sampler=StepRows(rows_of_step, start), num_workers=workers,
                            prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
-                           persistent_workers=False, worker_init_fn=_ignore_stop_signals if workers else None))
-    if workers:  # they ignore SIGTERM, so multiprocessing's exit-time terminate() cannot end them
-        atexit.register(_shut_down, weakref.ref(rows))
+                           persistent_workers=False,
+                           worker_init_fn=_stop_signals_to_the_main_process if workers else None))
     return rows
-
-
-def _shut_down(rows: weakref.ref) -> None:
-    """Tells a loader's workers to finish (before multiprocessing's own exit handler runs)."""
-    if (iterator := rows()) is not None:
-        iterator._shutdown_workers()
