@@ -19,8 +19,11 @@ import viq_megatron  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
-    from viq_megatron.config import parse_command_line
+    import torch.distributed as dist
+
+    from viq_megatron.config import ParallelConfig, parse_command_line
     from viq_megatron.models.provider import llm_arch
+    from viq_megatron.runtime.distributed import initialize, shutdown
     from viq_megatron.runtime.errors import one_line_errors
     from viq_megatron.training.checkpoint import load_shared_weights
 
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.decoder_checkpoint is None:
         cfg.model.decoder = None
+    # Checkpoints are read through Megatron's runtime (one process here, unless a caller runs one).
+    runtime = not dist.is_initialized()
+    if runtime:
+        initialize(ParallelConfig(), cfg.seed)
     with one_line_errors(parser):
         tok = ViQTokenizer(cfg, llm_arch(cfg).hidden_size)
         sources = [(tok.visual, "visual.", args.checkpoint)]
@@ -44,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.exit(2, f"error: {path}: holds {loaded} of the {expected} tensors of {prefix.rstrip('.')}\n")
             print(f"{path}: {loaded} tensors")
         tok.save(args.out)
+    if runtime:
+        shutdown()
     print(f"wrote {args.out}")
     return 0
 

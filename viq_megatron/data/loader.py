@@ -56,8 +56,7 @@ def row_loader(dataset: Dataset, rows_of_step: Callable[[int], list[int]], start
     """Batches of rows `rows_of_step(start)`, then of the next steps; `workers` 0 builds them here."""
     # The HF tokenizer's own threads must not be forked into the workers (its documented remedy).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rows = iter(DataLoader(dataset, batch_size=None, sampler=StepRows(rows_of_step, start), num_workers=workers,
+    return iter(DataLoader(dataset, batch_size=None, sampler=StepRows(rows_of_step, start), num_workers=workers,
                            prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
                            persistent_workers=False,
                            worker_init_fn=_stop_signals_to_the_main_process if workers else None))
-    return rows
