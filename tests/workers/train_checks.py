@@ -196,7 +196,8 @@ def stage2_chain(work: Path) -> dict:
     from viq_megatron.tokenizer import ViQTokenizer
     from viq_megatron.training.checkpoint import load_shared_weights
     from viq_megatron.training.stages import STAGES
-    from tools.export_tokenizer import main as export
+    import os
+    import subprocess
 
     common = [HEAD, DECODER, "train.steps=2", "train.save_every=2", "train.codebook_every=1",
               "train.freeze=[llm, visual.encoder]"]
@@ -204,15 +205,21 @@ def stage2_chain(work: Path) -> dict:
         f"train.init_from={work / 'resumed'}")  # saved at step 2
     fsq = run(work / "s2_2", *common, "train.stage=stage2", "model.head.quantizer=fsq",
               f"train.init_from={work / 's2_1'}")
-    # train.freeze=[]: the decoder stage itself keeps the visual part out of the optimizer.
-    run(work / "dec", *common, "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[]",
+    # train.freeze names the head only: the decoder stage itself keeps the encoder out of the optimizer.
+    run(work / "dec", *common, "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[visual.head]",
         f"train.init_from={work / 's2_2'}")
     codebook = [json.loads(l) for l in (work / "s2_2/metrics.jsonl").read_text().splitlines()
                 if json.loads(l)["split"] == "codebook"]
     decoder = [json.loads(l) for l in (work / "dec/metrics.jsonl").read_text().splitlines()]
     overrides = [*TINY_TRAIN, HEAD, DECODER, "model.head.quantizer=fsq", f"train.output_dir={work / 'x'}"]
-    assert export(["--checkpoint", str(work / "s2_2"), "--decoder-checkpoint", str(work / "dec"),
-                   "--out", str(work / "tok"), *overrides]) == 0
+    # The export tool in a process of its own, as a user runs it (it starts its own runtime).
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}  # not this torchrun's job
+    tool = Path(__file__).resolve().parents[2] / "tools/export_tokenizer.py"
+    exported_ok = subprocess.run([sys.executable, str(tool),
+                                  "--checkpoint", str(work / "s2_2"), "--decoder-checkpoint", str(work / "dec"),
+                                  "--out", str(work / "tok"), *overrides], env=env, capture_output=True, text=True)
+    assert exported_ok.returncode == 0, exported_ok.stderr[-3000:]
     exported = ViQTokenizer.load(work / "tok").state_dict()
 
     def run_model(run_dir: Path, *stage: str):
@@ -226,7 +233,8 @@ def stage2_chain(work: Path) -> dict:
         return {prefix + k: v for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
     stage2 = run_model(work / "s2_2", "train.stage=stage2", "model.head.quantizer=fsq")
-    decoder_run = run_model(work / "dec", "train.stage=decoder", "model.head.quantizer=fsq", "train.freeze=[]")
+    decoder_run = run_model(work / "dec", "train.stage=decoder", "model.head.quantizer=fsq",
+                            "train.freeze=[visual.head]")
     expected = {**tensors(stage2.visual, "visual."), **tensors(decoder_run.decoder, "decoder.")}
     frozen_visual = tensors(decoder_run.visual, "visual.")
     return {"fsq_losses": fsq, "codebook": codebook[-1] if codebook else {},

@@ -181,11 +181,15 @@ class ReconstructionModel(MegatronModule):
         """Called by the pipeline schedule; a single stage has no input from another."""
 
     def forward(self, batch: PackedBatch) -> Reconstruction:
-        """The decoder's drawing of a batch's images from the frozen tokenizer's codes (the
-        tokenizer runs without a graph)."""
+        """The decoder's drawing of a batch's images from the tokenizer's codes. The encoder is
+        frozen and runs without a graph; so does the head when it is frozen too (train.freeze
+        [visual.head]: the decoder learns to draw a finished tokenizer), else it trains with the
+        decoder (stage 2-0)."""
         head, images = self.visual.head, batch.images
         with torch.no_grad():
-            quantized = head.quantizer(head.pre_quantization(self.visual.encoder(images), images))
+            tokens = self.visual.encoder(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())):
+            quantized = head.quantizer(head.pre_quantization(tokens, images))
         return Reconstruction(*draw(head, self.decoder, quantized, images, self.visual.encoder.patch_size,
                                     self.mean, self.std))
 
@@ -199,15 +203,16 @@ def draw(head: ViQHead, decoder: PixelDecoder, quantized: torch.Tensor, images, 
 
 
 def build_decoder_stage(cfg: Config) -> Stage:
-    """The pixel decoder learns to draw a frozen tokenizer's codes (train.init_from a stage-2
-    run): L1 + SSIM, with PSNR reported."""
+    """The pixel decoder learns to draw the tokenizer's codes (train.init_from a stage-2 run,
+    train.freeze [visual.head]; or with the head, stage 2-0): L1 + SSIM, with PSNR reported.
+    The encoder (and the projector, unused here) never train."""
     model = ReconstructionModel(quantized_input(cfg, llm_arch(cfg).hidden_size), build_pixel_decoder(cfg),
                                 cfg.data.image.mean, cfg.data.image.std)
 
     def loss_terms(batch: PackedBatch, output: Reconstruction) -> dict[str, torch.Tensor]:
         return pixel_losses(output.drawn, output.original)
 
-    return Stage([model], loss_terms, pixel_counts, pixel_weights(cfg), frozen=("visual",))
+    return Stage([model], loss_terms, pixel_counts, pixel_weights(cfg), frozen=("visual.encoder", "visual.projector"))
 
 
 def pixel_counts(batch: PackedBatch, prefix: str = "") -> dict[str, float]:
