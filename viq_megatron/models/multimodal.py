@@ -147,17 +147,17 @@ class VisionLanguageModel(MegatronModule):
         beside it, on the first stage, what the visual input computed."""
         device = next(self.llm.parameters()).device
         embeddings = visual = None  # after the first stage, the LLM reads its input tensor
+        positions = batch.position_ids.to(device, non_blocking=True)  # pinned by the DataLoader: no host wait
         if self.pre_process:
-            tokens = batch.tokens.to(device, non_blocking=True)[None]  # pinned by the DataLoader: no host wait
-            positions = batch.position_ids.to(device, non_blocking=True)[None]
-            embeddings = self.llm.embedding(input_ids=tokens, position_ids=positions)
+            tokens = batch.tokens.to(device, non_blocking=True)[None]
+            embeddings = self.llm.embedding(input_ids=tokens, position_ids=positions[None])
             if len(batch.visual_positions):
                 with self.phase_timer.span("visual") if self.phase_timer is not None else nullcontext():
                     visual = self.visual(batch)
                 slots = batch.visual_positions.to(device, non_blocking=True)
                 embeddings = embeddings.index_put((slots, torch.zeros_like(slots)),
                                                   visual.embeddings.to(embeddings.dtype))
-        packed = packed_rows(self.llm, batch.cu_seqlens.tolist(), batch.position_ids)
+        packed = packed_rows(self.llm, batch.cu_seqlens.tolist(), positions)
         output = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
                           labels=batch.labels.to(device, non_blocking=True)[None], packed_seq_params=packed)
         if self.post_process:
