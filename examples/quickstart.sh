@@ -18,7 +18,8 @@
 #      files), and scores short answers about held-out scenes against chance, the answer prior and
 #      blind controls (images blanked or shuffled); the table is runs/quickstart/bench_quality/;
 #   8. speed: the probe's continuous vs discrete throughput (the tiny end-to-end comparison), then
-#      the paper-proportion comparison of tools/bench_speedup.py (scaled SO400M / Qwen2.5 shapes).
+#      the paper-proportion comparison of tools/bench_speedup.py (scaled SO400M / Qwen2.5 shapes,
+#      every path trained by the Trainer with its DataLoader workers; runs/quickstart/bench_speedup/).
 # Every stage resumes from its last checkpoint in runs/quickstart/ when re-run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,6 +52,6 @@ train --config examples/decoder_tiny_cpu.yaml train.init_from=$run/stage2_2 trai
     --stage1 $run/stage1 --linf $run/stage2_1 --tokenizer $run/tokenizer --out $run/bench_quality
 .venv/bin/python tools/compare_throughput.py $run/bench_quality/runs/continuous/metrics.jsonl \
     $run/bench_quality/runs/discrete/metrics.jsonl --plot $run/throughput.png
-echo "Paper proportions (tools/bench_speedup.py: SO400M-like encoder vs Qwen2.5-0.5B-like LLM, widths / 8,"
-echo "depths / 4, images 3/4 of each row; not the tiny models above):"
-.venv/bin/python tools/bench_speedup.py --llm 0.5b --seq-lengths 512 1024 --steps 4 --encoder trained
+echo "Paper proportions, timed by the Trainer (tools/bench_speedup.py: SO400M-like encoder vs Qwen2.5-0.5B-like LLM,"
+echo "widths / 8, LLM depth / 4, the rest matched to the real FLOP ratios, images 3/4 of each row; not the tiny models above):"
+.venv/bin/python tools/bench_speedup.py --llm 0.5b --seq-lengths 512 1024 --out $run/bench_speedup

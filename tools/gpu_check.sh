@@ -38,8 +38,9 @@ step "LLM step, Qwen2.5-0.5B shape, 4096 tokens in 4 samples, bf16" \
 step "LLM step, Qwen2.5-1.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-1.5b --seq-length 4096 --samples-per-row 4 --steps 10
 for encoder in frozen trained; do
-    step "discrete vs continuous, SO400M ($encoder) + Qwen2.5-0.5B/1.5B at full size, 4K and 16K rows, bf16" \
-        python3 tools/bench_speedup.py --width-scale 1 --depth-scale 1 --seq-lengths 4096 16384 --encoder $encoder --steps 3
+    step "discrete vs continuous through the Trainer, SO400M ($encoder) + Qwen2.5-0.5B/1.5B at full size, 4K and 16K rows, bf16" \
+        python3 tools/bench_speedup.py --width-scale 1 --depth-scale 1 --seq-lengths 4096 16384 --encoder $encoder \
+        --steps 6 --num-workers 4
 done
 step "stage 1 smoke, bf16, CUDA/NCCL" \
     torchrun --nproc-per-node 1 -m viq_megatron.train --config examples/stage1_smoke.yaml \

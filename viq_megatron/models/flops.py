@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from viq_megatron.config import EncoderConfig, LLMArch
+from viq_megatron.config import EncoderConfig, HeadConfig, LLMArch
+from viq_megatron.models.quantizers import FSQ_PRESETS
 
 # Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name.
 _PEAK_BF16_FLOPS = {
@@ -40,6 +41,15 @@ def llm_forward_flops(arch: LLMArch, seqlens: Sequence[int]) -> float:
     linears = 2 * tokens * (h * (h + kv) + h * h + 3 * h * f)  # qkv, proj, gate+up, down
     attention = sum(2 * length * length * h for length in seqlens)  # causal: half of QK^T and AV
     return arch.num_layers * (linears + attention) + 2 * tokens * h * arch.vocab_size
+
+
+def code_embedding_forward_flops(head: HeadConfig, encoder: EncoderConfig, llm_hidden: int, patches: int) -> float:
+    """Forward FLOPs of the discrete path's visual input over `patches` patches: the ViQ head's
+    per-patch decoding of its 4 codes (from_code, merge, post blocks) and the projector."""
+    c, s = encoder.hidden_size, head.subtoken_size
+    decoding = 4 * len(FSQ_PRESETS[head.codebook]) * s + 4 * s * c + c * c + head.post_blocks * 8 * c * c
+    projector = c * llm_hidden + llm_hidden * llm_hidden
+    return 2 * patches * (decoding + projector)
 
 
 def peak_flops(device: torch.device) -> float | None:

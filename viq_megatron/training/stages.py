@@ -50,7 +50,7 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
     return F.mse_loss(student.float(), teacher.float(), reduction="none").mean(-1).sum()
 
 
-def _caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distill_target=None,
+def caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distill_target=None,
                    visual_terms=None, visual_counts=None, visual_weights: dict[str, float] | None = None,
                    decoder: PixelDecoder | None = None, frozen: tuple[str, ...] = ()) -> Stage:
     """Caption loss through the LLM (on its last pipeline stage) + (with `distill_target`)
@@ -109,7 +109,7 @@ def build_stage1(cfg: Config) -> Stage:
         return visual.pool(visual.teacher(batch.teacher_images), batch.teacher_images.cu_seqlens)
 
     copy_encoder_to_teacher()
-    stage = _caption_stage(cfg, visual, llm, fixed_resolution_teacher, frozen=("visual.teacher", "visual.pooling"))
+    stage = caption_stage(cfg, visual, llm, fixed_resolution_teacher, frozen=("visual.teacher", "visual.pooling"))
     stage.on_init_from = copy_encoder_to_teacher
     return stage
 
@@ -152,7 +152,7 @@ def build_stage2(cfg: Config) -> Stage:
             return {"fsq_blend": head.quantizer.blend, **stats.summary()}
         return {}
 
-    stage = _caption_stage(cfg, visual, llm, stage1_features, head_terms,
+    stage = caption_stage(cfg, visual, llm, stage1_features, head_terms,
                            partial(pixel_counts, prefix="pixel_") if drawing else None,
                            pixel_weights(cfg, cfg.train.pixel_weight, "pixel_") if drawing else None, decoder)
     stage.on_step = on_step
@@ -236,14 +236,14 @@ def build_continuous(cfg: Config) -> Stage:
     """The baseline: images decoded and run through the encoder + projector every step
     (train.init_from a stage-1 run; freeze [visual.encoder] or train it)."""
     llm = build_llm_from_config(cfg)
-    return _caption_stage(cfg, encoder_input(cfg, llm[0].config.hidden_size), llm)
+    return caption_stage(cfg, encoder_input(cfg, llm[0].config.hidden_size), llm)
 
 
 def build_discrete(cfg: Config) -> Stage:
     """Training on offline codes: the exported tokenizer's head + projector embed them (built
     at this run's tensor-parallel size; the tokenizer's encoder is not needed)."""
     llm = build_llm_from_config(cfg)
-    return _caption_stage(cfg, code_input(cfg, llm[0].config.hidden_size), llm)
+    return caption_stage(cfg, code_input(cfg, llm[0].config.hidden_size), llm)
 
 
 STAGES = {"stage1": build_stage1, "stage2": build_stage2, "decoder": build_decoder_stage,

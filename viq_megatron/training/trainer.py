@@ -53,7 +53,7 @@ from viq_megatron.training.checkpoint import (latest_checkpoint, left_out, load_
                                                save_checkpoint)
 from viq_megatron.training.logs import MetricsLog
 from viq_megatron.training.objective import Objective
-from viq_megatron.training.stages import STAGES
+from viq_megatron.training.stages import STAGES, Stage
 from viq_megatron.training.torch_adam_resume import prepare_resume
 
 log = logging.getLogger("viq_megatron.train")
@@ -111,7 +111,9 @@ def peak_memory_gib() -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, build_stage: Callable[[Config], Stage] | None = None):
+        """`build_stage`: builds the model and losses instead of `train.stage`'s builder (the
+        benchmarks' LLM-only ideal)."""
         self.cfg = cfg
         env = initialize(cfg.parallel, cfg.seed)
         setup_logging(env.rank)
@@ -131,7 +133,7 @@ class Trainer:
 
 
         # Model (this rank's pipeline chunks), freezing, DDP, optimizer.
-        self.stage = STAGES[cfg.train.stage](cfg)
+        self.stage = (build_stage or STAGES[cfg.train.stage])(cfg)
         chunks = self.stage.chunks
         frozen = (*self.stage.frozen, *cfg.train.freeze)  # frozen parameters never reach the optimizer
         for chunk in chunks:
@@ -491,6 +493,10 @@ class Trainer:
                 break
         if self.step >= cfg.steps and is_main_process():
             (self.output_dir / "finished").write_text(f"{self.step}\n")  # the launcher requeues until then
+        self.close()
+        return last_eval
+
+    def close(self) -> None:
+        """Stops the DataLoader workers and closes the logs (after `train`, or a caller's own steps)."""
         self._loader = self._loader_step = None  # its workers finish
         self.metrics.close()
-        return last_eval
