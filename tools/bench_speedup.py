@@ -239,7 +239,7 @@ def main() -> None:
     SentencePieceTokenizer.train([" ".join(WORDS), "Describe the picture."] * 8, 400, text_model)
     text = SentencePieceTokenizer(text_model.with_suffix(".model"))
     results = []
-    print(f"{'bf16, cuda' if cuda else 'fp32, cpu'}; widths / {w}, depths / {d}; {args.num_workers} DataLoader workers "
+    print(f"{'bf16, cuda' if cuda else 'fp32, cpu'}; widths / {w}, LLM depth / {d}; {args.num_workers} DataLoader workers "
           f"per path; median of {args.steps} steps per path")
     print("| LLM | seq | encoder | continuous s (data) | discrete s (data) | ideal s (data) | speedup | "
           "measured ideal | FLOP ideal | discrete vs ideal |")
@@ -271,8 +271,8 @@ def main() -> None:
 
             # The rows every path reads, checked against the paper's proportions before any timing.
             samples = list(read_conversations(data))
-            rows = PackedConversationDataset(samples, tokenizer=text, rules=cfg.data.image, patch=PATCH, seq_length=length,
-                                            teacher_side=None, seed=cfg.seed)
+            rows = PackedConversationDataset(samples, tokenizer=text, rules=cfg.data.image, patch=PATCH,
+                                             seq_length=length, teacher_side=None, seed=cfg.seed)
             proportions = check_proportions(shape, real, [rows[r] for r in range(rows.rows_per_epoch())])
             print(f"| {name} | {length} | rows: images {proportions['visual_share']:.1%} of the tokens; per LLM FLOP "
                   f"(real shapes in brackets): encoder {proportions['encoder_per_llm_bench']:.3f} "

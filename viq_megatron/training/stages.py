@@ -51,8 +51,8 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> tor
 
 
 def caption_stage(cfg: Config, visual: MegatronModule, llm_chunks: list, distill_target=None,
-                   visual_terms=None, visual_counts=None, visual_weights: dict[str, float] | None = None,
-                   decoder: PixelDecoder | None = None, frozen: tuple[str, ...] = ()) -> Stage:
+                  visual_terms=None, visual_counts=None, visual_weights: dict[str, float] | None = None,
+                  decoder: PixelDecoder | None = None, frozen: tuple[str, ...] = ()) -> Stage:
     """Caption loss through the LLM (on its last pipeline stage) + (with `distill_target`)
     self-distillation of the visual features' pooled vector toward
     `distill_target(visual output, batch)` (pooled, one row per image) and `visual_terms(visual
@@ -153,8 +153,8 @@ def build_stage2(cfg: Config) -> Stage:
         return {}
 
     stage = caption_stage(cfg, visual, llm, stage1_features, head_terms,
-                           partial(pixel_counts, prefix="pixel_") if drawing else None,
-                           pixel_weights(cfg, cfg.train.pixel_weight, "pixel_") if drawing else None, decoder)
+                          partial(pixel_counts, prefix="pixel_") if drawing else None,
+                          pixel_weights(cfg, cfg.train.pixel_weight, "pixel_") if drawing else None, decoder)
     stage.on_step = on_step
     return stage
 
