@@ -12,7 +12,7 @@ collects garbage and pauses `--pause` seconds, untimed, so the previous path's w
 refilling their queue (on a GPU node they have cores of their own; on 2 CPU cores they would
 slow the next path's step):
 - continuous (encoder frozen, and trained): images decoded in the workers, encoder +
-  projector + LLM; the strong baseline: its rows are built while the step computes;
+  projector + LLM; the strong baseline: its rows are built off the step;
 - discrete: offline codes (tools/preprocess_images.py's token files, read by the same
   workers), the ViQ head's per-patch decoding + projector + LLM;
 - ideal: the same rows with the visual embeddings given (no visual compute): the LLM step alone.
@@ -22,9 +22,10 @@ the continuous step / the LLM step).
 
 Proportions: a SigLIP2-SO400M encoder with Qwen2.5-0.5B or 1.5B, 16x16 patches, one LLM
 input per patch, 4 samples per row, images 3/4 of each. On CPU every width is divided by
---width-scale and the LLM's depth by --depth-scale; the vocabulary and the encoder's depth are
-chosen so that the LM head keeps its share of the LLM's FLOPs and the encoder/LLM FLOP ratio
-is the real shapes' (the attention's share grows as widths shrink). Before timing anything the bench checks, on the packed rows
+--width-scale and the LLM's depth by --depth-scale; the vocabulary, the encoder's depth and
+the head's post-blocks are chosen (`matched`) so that the LM head's share of the LLM's FLOPs
+and the encoder's and code embedding's FLOPs per LLM FLOP are the real shapes' (attention's
+share grows as widths shrink). Before timing anything the bench checks, on the packed rows
 themselves, that images fill 3/4 of the rows (within 2 points), and that the encoder/LLM FLOP
 ratio and the LM head's share are within 10% of the real shapes' on the same rows.
 `--width-scale 1 --depth-scale 1` on a GPU runs the real sizes (bf16).
@@ -319,8 +320,7 @@ def main() -> None:
                         sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30))
             median = {path: (statistics.median(t for t, _ in v), statistics.median(dt for _, dt in v))
                       for path, v in times.items()}
-            row_lengths = [[length // SAMPLES_PER_ROW] * SAMPLES_PER_ROW]
-            llm_flops = 3 * llm_forward_flops(cfg.model.llm.arch, row_lengths[0])
+            llm_flops = 3 * llm_forward_flops(cfg.model.llm.arch, seqlens)
             encoder_flops = vit_forward_flops(cfg.model.encoder, [pixels // PATCH ** 2] * SAMPLES_PER_ROW)
             discrete_s, ideal_s = median["discrete"][0], median["ideal"][0]
             for mode in args.encoder:
