@@ -75,9 +75,16 @@ def test_a_short_run_through_the_trainer_reports_every_path(tmp_path):
     assert result["measured_ideal"] == pytest.approx(result["continuous_s"] / result["ideal_s"])
     assert sorted(result["step_times_s"]) == ["continuous_trained", "discrete", "ideal"]
     assert all(len(times) == 1 and times[0] > 0 for times in result["step_times_s"].values())
-    # Trained, the encoder adds 3x its forward to 3x the LLM's: the FLOP ideal is 1 + encoder/LLM
-    # (here from the nominal layout, there from the packed rows).
-    assert result["flop_ideal"] - 1 == pytest.approx(result["encoder_per_llm_bench"], rel=0.05)
+    # Trained, the encoder adds 3x its forward to 3x the LLM's: the FLOP ideal is 1 + encoder/LLM,
+    # here counted by hand from the bench's shapes and nominal layout (4 samples of 128 tokens,
+    # images of 96 patches).
+    from viq_megatron.config import EncoderConfig, LLMArch
+    from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
+
+    shape, _, patches = scaled_shapes("0.5b", 512)
+    by_hand = vit_forward_flops(EncoderConfig(**shape["encoder"]), [patches] * 4) / llm_forward_flops(
+        LLMArch(**shape["arch"]), [128] * 4)
+    assert result["flop_ideal"] - 1 == pytest.approx(by_hand, rel=0.05)
     for path in ("continuous_trained", "discrete", "ideal"):
         trace = json.loads((tmp_path / "profile" / f"0.5b_512_{path}.json").read_text())
         assert trace["traceEvents"], path

@@ -209,7 +209,6 @@ def main() -> None:
     from viq_megatron.data.conversations import read_conversations
     from viq_megatron.data.multimodal import PackedConversationDataset
     from viq_megatron.data.text import SentencePieceTokenizer
-    from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
     from viq_megatron.runtime.distributed import initialize, shutdown
     from viq_megatron.tokenizer import ViQTokenizer
     from viq_megatron.training.trainer import Trainer
@@ -320,12 +319,11 @@ def main() -> None:
                         sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30))
             median = {path: (statistics.median(t for t, _ in v), statistics.median(dt for _, dt in v))
                       for path, v in times.items()}
-            llm_flops = 3 * llm_forward_flops(cfg.model.llm.arch, seqlens)
-            encoder_flops = vit_forward_flops(cfg.model.encoder, [pixels // PATCH ** 2] * SAMPLES_PER_ROW)
             discrete_s, ideal_s = median["discrete"][0], median["ideal"][0]
             for mode in args.encoder:
                 continuous_s, data_s = median[f"continuous_{mode}"]
-                flop_ideal = (llm_flops + (3 if mode == "trained" else 1) * encoder_flops) / llm_flops
+                # LLM step: 3 forwards; the encoder adds 1 forward, or 3 when it trains.
+                flop_ideal = 1 + (3 if mode == "trained" else 1) * proportions["encoder_per_llm_bench"] / 3
                 result = {"llm": name, "seq_length": length, "encoder": mode, "continuous_s": continuous_s,
                           "continuous_data_s": data_s, "discrete_s": discrete_s, "discrete_data_s": median["discrete"][1],
                           "ideal_s": ideal_s, "ideal_data_s": median["ideal"][1], "speedup": continuous_s / discrete_s,
