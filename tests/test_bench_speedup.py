@@ -65,27 +65,30 @@ def test_the_guard_refuses_rows_and_shapes_off_the_papers_setting():
 def test_a_short_run_through_the_trainer_reports_every_path(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_speedup.py"), "--llm", "0.5b", "--seq-lengths", "512",
-         "--encoder", "trained", "--steps", "1", "--warmup", "1", "--pause", "0", "--num-workers", "1",
+         "--encoder", "frozen", "--steps", "1", "--warmup", "1", "--pause", "0", "--num-workers", "1",
          "--profile", str(tmp_path / "profile"), "--out", str(tmp_path / "out")], capture_output=True, text=True,
         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     (result,) = json.loads((tmp_path / "out" / "bench_speedup.json").read_text())
-    assert result["encoder"] == "trained" and abs(result["visual_share"] - 0.75) <= 0.02
+    assert result["encoder"] == "frozen" and abs(result["visual_share"] - 0.75) <= 0.02
     assert result["speedup"] == pytest.approx(result["continuous_s"] / result["discrete_s"])
     assert result["measured_ideal"] == pytest.approx(result["continuous_s"] / result["ideal_s"])
-    assert sorted(result["step_times_s"]) == ["continuous_trained", "discrete", "ideal"]
+    assert sorted(result["step_times_s"]) == ["cached", "continuous_frozen", "discrete", "ideal"]
+    assert result["cached_s"] == result["step_times_s"]["cached"][0]
+    # Stored per patch: 4 int32 codes; the encoder's width in bf16.
+    shape, _, patches = scaled_shapes("0.5b", 512)
+    assert result["bytes_per_patch"] == {"discrete": 16, "cached": 2 * shape["encoder"]["hidden_size"]}
     assert all(len(times) == 1 and times[0] > 0 for times in result["step_times_s"].values())
-    # Trained, the encoder adds 3x its forward to 3x the LLM's: the FLOP ideal is 1 + encoder/LLM,
+    # Frozen, the encoder adds its forward to 3x the LLM's: the FLOP ideal is 1 + encoder/LLM / 3,
     # here counted by hand from the bench's shapes and nominal layout (4 samples of 128 tokens,
     # images of 96 patches).
     from viq_megatron.config import EncoderConfig, LLMArch
     from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
 
-    shape, _, patches = scaled_shapes("0.5b", 512)
     by_hand = vit_forward_flops(EncoderConfig(**shape["encoder"]), [patches] * 4) / llm_forward_flops(
         LLMArch(**shape["arch"]), [128] * 4)
-    assert result["flop_ideal"] - 1 == pytest.approx(by_hand, rel=0.05)
-    for path in ("continuous_trained", "discrete", "ideal"):
+    assert result["flop_ideal"] - 1 == pytest.approx(by_hand / 3, rel=0.05)
+    for path in ("continuous_frozen", "cached", "discrete", "ideal"):
         trace = json.loads((tmp_path / "profile" / f"0.5b_512_{path}.json").read_text())
         assert trace["traceEvents"], path
         assert "Self CPU" in (tmp_path / "profile" / f"0.5b_512_{path}.txt").read_text()

@@ -57,12 +57,23 @@ def conversation_dataset(folder):
     return path, samples
 
 
-def test_token_files_read_back_exactly(tools, tmp_path):
-    data, raw = conversation_dataset(tmp_path)
-    result = preprocess(tools, data, tmp_path / "out/train")
+@pytest.fixture(scope="module")
+def offline(tools, tmp_path_factory):
+    """The conversation dataset written once as codes (codes/train) and as encoder features
+    (features/train): (its folder, data file, raw samples, {"codes": run, "features": run})."""
+    folder = tmp_path_factory.mktemp("offline")
+    data, raw = conversation_dataset(folder)
+    runs = {kind: preprocess(tools, data, folder / kind / "train", *extra)
+            for kind, extra in (("codes", ()), ("features", ("--features",)))}
+    return folder, data, raw, runs
+
+
+def test_token_files_read_back_exactly(tools, offline):
+    folder, _, raw, runs = offline
+    result = runs["codes"]
     assert result.returncode == 3, result.stderr[-2000:]  # one sample skipped (missing image)
     tok, text_tok = tools[2], SentencePieceTokenizer(tools[1])
-    dataset = TokenDataset(tmp_path / "out/train")
+    dataset = TokenDataset(folder / "codes/train")
     kept = [raw[0], raw[1], raw[3], raw[4]]
     assert len(dataset) == len(kept)
     for sample, entry in zip((dataset[i] for i in range(len(dataset))), kept):
@@ -82,10 +93,10 @@ def test_token_files_read_back_exactly(tools, tmp_path):
         grids = [tuple(seq) for mode, seq in sample.segments if mode == GRID]
         assert len(codes) == len(images)
         for image, stored, grid in zip(images, codes, grids):
-            reference = tok.encode([tmp_path / image])[0].codes
+            reference = tok.encode([folder / image])[0].codes
             assert grid == (reference.shape[0] // 2, reference.shape[1] // 2)
             assert np.array_equal(stored, reference.reshape(-1).numpy())
-    report = [json.loads(l) for l in (tmp_path / "out/train.report.jsonl").read_text().splitlines()]
+    report = [json.loads(l) for l in (folder / "codes/train.report.jsonl").read_text().splitlines()]
     assert len(report) == 1 and "sample 2" in report[0]["reason"] and "missing.png" in report[0]["reason"]
     assert "1 inputs skipped" in result.stdout and "bytes written for" in result.stdout
 
@@ -146,21 +157,20 @@ def test_data_parallel_preprocessing_equals_one_process(tools, tmp_path):
         assert (tmp_path / f"one/x{suffix}").read_bytes() == (tmp_path / f"two/x{suffix}").read_bytes()
 
 
-def test_discrete_first_step_loss_equals_online_quantized_model(tools, tmp_path, megatron_world):
+def test_discrete_first_step_loss_equals_online_quantized_model(tools, offline, tmp_path, megatron_world):
     """Training on pre-extracted codes sees exactly the batch and loss the online model does."""
     from viq_megatron.data.conversations import read_conversations
     from viq_megatron.data.multimodal import PackedConversationDataset, PackedTokenDataset
     from viq_megatron.models.llm import build_llm
     from viq_megatron.models.multimodal import CodeVisualInput, VisionLanguageModel
 
-    data, _ = conversation_dataset(tmp_path)
-    assert preprocess(tools, data, tmp_path / "tokens/train").returncode == 3  # one missing image
+    folder, data, _, _ = offline
     cfg = tiny_train_config(tmp_path, HEAD)
     tok, text_tok = tools[2], SentencePieceTokenizer(tools[1])
     samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
     online_data = PackedConversationDataset(samples, text_tok, tok.cfg.data.image, 16, seq_length=200,
                                             teacher_side=32, seed=5)
-    offline_data = PackedTokenDataset(str(tmp_path / "tokens/train"), seq_length=200, seed=5)
+    offline_data = PackedTokenDataset(str(folder / "codes/train"), seq_length=200, seed=5)
     assert offline_data.lengths == online_data.lengths
     torch.manual_seed(0)
     llm = build_llm(cfg.model.llm.arch, 1, torch.float32, "local").eval()
@@ -174,14 +184,13 @@ def test_discrete_first_step_loss_equals_online_quantized_model(tools, tmp_path,
         assert torch.equal(loss_online, loss_offline), row
 
 
-def test_pipeline_parallel_training_equals_one_process(tools, tmp_path):
+def test_pipeline_parallel_training_equals_one_process(tools, offline, tmp_path):
     """TP2 x PP2 (1F1B and interleaved) trains exactly as TP1 x PP1: discrete training on
     offline codes (visual input on the first stage), and stage 1, whose distillation loss is
     computed on the first stage and its caption loss on the last."""
-    data, _ = conversation_dataset(tmp_path)
-    assert preprocess(tools, data, tmp_path / "tokens/train").returncode == 3
-    discrete = ["train.stage=discrete", f"model.viq_tokenizer={tools[0]}", f"data.train={tmp_path / 'tokens/train'}",
-                f"data.val={tmp_path / 'tokens/train'}", "data.seq_length=160"]
+    codes = offline[0] / "codes/train"
+    discrete = ["train.stage=discrete", f"model.viq_tokenizer={tools[0]}", f"data.train={codes}", f"data.val={codes}",
+                "data.seq_length=160"]
     worker = str(ROOT / "tests/workers/pipeline_checks.py")
     torchrun(1, worker, "reference", str(tmp_path / "reference.json"), str(tmp_path), *discrete)
     torchrun(4, worker, "pipelined", str(tmp_path / "pipelined.json"), str(tmp_path), *discrete, timeout=600)
@@ -351,3 +360,82 @@ def test_an_unwritable_output_or_a_full_disk_is_one_line_and_a_rerun_resumes(too
     assert preprocess(tools, data, tmp_path / "clean/train").returncode == 3
     for suffix in (".bin", ".idx"):
         assert Path(f"{out}{suffix}").read_bytes() == (tmp_path / f"clean/train{suffix}").read_bytes()
+
+
+def test_cached_features_are_the_encoders_tokens_and_give_its_loss(tools, offline, tmp_path, megatron_world):
+    """--features stores the tokenizer encoder's tokens in bf16: the cached rows are the online rows,
+    and the cached model's loss is the continuous model's with the encoder's output rounded to bf16."""
+    from viq_megatron.data.conversations import read_conversations
+    from viq_megatron.data.multimodal import PackedConversationDataset, PackedTokenDataset
+    from viq_megatron.models.llm import build_llm
+    from viq_megatron.models.multimodal import CachedFeatureVisualInput, EncoderVisualInput, VisionLanguageModel
+
+    folder, data, _, runs = offline
+    result = runs["features"]
+    assert result.returncode == 3, result.stderr[-2000:]  # one missing image
+    tok, text_tok = tools[2], SentencePieceTokenizer(tools[1])
+    width = tok.cfg.model.encoder.hidden_size
+    assert f"{2 * width:,} bytes per patch" in result.stdout
+    samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
+    online_data = PackedConversationDataset(samples, text_tok, tok.cfg.data.image, 16, seq_length=200,
+                                            teacher_side=None, seed=5)
+    cached_data = PackedTokenDataset(str(folder / "features/train"), seq_length=200, seed=5, feature_width=width)
+    assert cached_data.lengths == online_data.lengths
+    torch.manual_seed(0)
+    cfg = tiny_train_config(tmp_path, HEAD)
+    llm = build_llm(cfg.model.llm.arch, 1, torch.float32, "local").eval()
+    online = VisionLanguageModel(EncoderVisualInput(tok.visual.encoder, tok.visual.projector), llm).eval()
+    cached = VisionLanguageModel(CachedFeatureVisualInput(tok.visual.projector, llm.config), llm).eval()
+    rounding = tok.visual.encoder.register_forward_hook(lambda module, args, out: out.bfloat16().float())
+    try:
+        for row in range(online_data.rows_per_epoch()):
+            a, b = online_data[row], cached_data[row]
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
+            assert b.features.dtype == torch.bfloat16
+            with torch.no_grad():
+                assert torch.equal(b.features.float(), tok.visual.encoder(a.images))
+                assert torch.equal(online(a).token_losses, cached(b).token_losses), row
+    finally:
+        rounding.remove()
+
+    # Codes and features are not mixed up: each stage refuses the other's files, and a rerun stops.
+    with pytest.raises(InputError, match="features/train: holds encoder features"):
+        PackedTokenDataset(str(folder / "features/train"), seq_length=200, seed=5)
+    with pytest.raises(InputError, match="codes/train: holds ViQ codes"):
+        PackedTokenDataset(str(folder / "codes/train"), seq_length=200, seed=5, feature_width=width)
+    rerun = preprocess(tools, data, folder / "features/train")
+    assert rerun.returncode == 2 and "encoder features, not codes" in rerun.stderr
+
+
+def test_a_cached_run_reads_images_online_through_the_tokenizers_encoder(tools, offline, tmp_path, megatron_world):
+    """Evaluation of a cached run from images: the tokenizer's encoder, then the run's projector;
+    with the encoder's output rounded to bf16 it embeds exactly what the run trained on."""
+    from viq_megatron.data.conversations import read_conversations
+    from viq_megatron.data.multimodal import PackedConversationDataset, PackedTokenDataset
+    from viq_megatron.evaluate import _online_tokenizer
+    from viq_megatron.models.multimodal import CachedFeatureVisualInput, EncoderVisualInput
+    from viq_megatron.training.stages import STAGES
+
+    folder, data, _, _ = offline
+    tok = tools[2]
+    cfg = tiny_train_config(tmp_path, HEAD, "train.stage=cached", f"model.viq_tokenizer={tools[0]}")
+    model = STAGES["cached"](cfg).chunks[0].eval()
+    cached = model.visual
+    assert isinstance(cached, CachedFeatureVisualInput)
+    with torch.no_grad():  # as if trained: the run's projector is no longer the tokenizer's
+        for p in cached.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    _online_tokenizer(cfg, model)
+    assert isinstance(model.visual, EncoderVisualInput)
+    model.visual.projector.load_state_dict(cached.projector.state_dict())  # what the run's checkpoint holds
+    samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
+    online_data = PackedConversationDataset(samples, SentencePieceTokenizer(tools[1]), tok.cfg.data.image, 16,
+                                            seq_length=200, teacher_side=None, seed=5)
+    cached_data = PackedTokenDataset(str(folder / "features/train"), seq_length=200, seed=5,
+                                     feature_width=tok.cfg.model.encoder.hidden_size)
+    rounding = model.visual.encoder.register_forward_hook(lambda module, args, out: out.bfloat16().float())
+    with torch.no_grad():
+        for row in range(online_data.rows_per_epoch()):
+            online, stored = model.visual(online_data[row]).embeddings, cached(cached_data[row]).embeddings
+            assert torch.equal(online, stored), row
+    rounding.remove()

@@ -1,8 +1,8 @@
 """Discrete (offline ViQ codes) vs continuous (encoder every step) multimodal training, timed
 by the `Trainer` itself.
 
-    python tools/bench_speedup.py [--llm 0.5b 1.5b] [--seq-lengths 512 1024] [--steps 12]
-                                  [--encoder frozen trained] [--profile DIR] [--out DIR]
+    python tools/bench_speedup.py [--llm 0.5b 1.5b] [--seq-lengths 512 1024] [--steps 20]
+                                  [--encoder frozen trained] [--no-cached] [--profile DIR] [--out DIR]
 
 For each LLM and row length, one process builds one real `Trainer` per path (its DataLoader
 workers, Megatron-Core DDP, optimizer and schedule, the loop a user runs), all on the same
@@ -15,10 +15,14 @@ slow the next path's step):
   projector + LLM; the strong baseline: its rows are built off the step;
 - discrete: offline codes (tools/preprocess_images.py's token files, read by the same
   workers), the ViQ head's per-patch decoding + projector + LLM;
+- cached (with the frozen encoder): the frozen encoder's tokens stored offline
+  (preprocess_images.py --features, bf16) + projector + LLM: the fair rival of the codes, which
+  also skips the encoder, at 2 * width bytes per patch against the codes' 16;
 - ideal: the same rows with the visual embeddings given (no visual compute): the LLM step alone.
 It prints each path's median step time and data wait, the achieved speedup (continuous /
 discrete) beside the measured ideal (continuous / ideal) and the FLOP ideal (counted FLOPs of
-the continuous step / the LLM step).
+the continuous step / the LLM step), and the bytes per patch each offline path stores (at the
+bench's width, and at SO400M's).
 
 Proportions: a SigLIP2-SO400M encoder with Qwen2.5-0.5B or 1.5B, 16x16 patches, one LLM
 input per patch, 4 samples per row, images 3/4 of each. On CPU every width is divided by
@@ -204,7 +208,7 @@ def ideal_stage(cfg):
 def main() -> None:
     import torch
 
-    from tools.preprocess_images import preprocess
+    from tools.preprocess_images import preprocess, visual_bytes
     from viq_megatron.config import ParallelConfig, load_config
     from viq_megatron.data.conversations import read_conversations
     from viq_megatron.data.multimodal import PackedConversationDataset
@@ -219,7 +223,9 @@ def main() -> None:
     parser.add_argument("--encoder", nargs="+", choices=["frozen", "trained"], default=["frozen", "trained"])
     parser.add_argument("--width-scale", type=int, default=8)
     parser.add_argument("--depth-scale", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per path")
+    parser.add_argument("--cached", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the cached-features path too (with --encoder frozen)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between steps (untimed)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of every path")
@@ -241,9 +247,9 @@ def main() -> None:
     results = []
     print(f"{'bf16, cuda' if cuda else 'fp32, cpu'}; widths / {w}, LLM depth / {d}; {args.num_workers} DataLoader workers "
           f"per path; median of {args.steps} steps per path")
-    print("| LLM | seq | encoder | continuous s (data) | discrete s (data) | ideal s (data) | speedup | "
-          "measured ideal | FLOP ideal | discrete vs ideal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| LLM | seq | encoder | continuous s (data) | cached s (data) | discrete s (data) | ideal s (data) | "
+          "speedup | measured ideal | FLOP ideal | discrete vs ideal | discrete vs cached |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.llm:
         real = shapes(name, 1, 1)
         for length in args.seq_lengths:
@@ -273,25 +279,38 @@ def main() -> None:
             samples = list(read_conversations(data))
             rows = PackedConversationDataset(samples, tokenizer=text, rules=cfg.data.image, patch=PATCH,
                                              seq_length=length, teacher_side=None, seed=cfg.seed)
-            proportions = check_proportions(shape, real, [rows[r] for r in range(rows.rows_per_epoch())])
+            packed = [rows[r] for r in range(rows.rows_per_epoch())]
+            proportions = check_proportions(shape, real, packed)
             print(f"| {name} | {length} | rows: images {proportions['visual_share']:.1%} of the tokens; per LLM FLOP "
                   f"(real shapes in brackets): encoder {proportions['encoder_per_llm_bench']:.3f} "
                   f"({proportions['encoder_per_llm_real']:.3f}), code embedding "
                   f"{proportions['code_embedding_per_llm_bench']:.3f} ({proportions['code_embedding_per_llm_real']:.3f}), "
                   f"LM head {proportions['lm_head_share_bench']:.1%} ({proportions['lm_head_share_real']:.1%}) "
-                  "|||||||", flush=True)
+                  "|||||||||", flush=True)
 
             tokenizer_dir = folder / "viq_tokenizer"
             ViQTokenizer(cfg, shape["arch"]["hidden_size"]).save(tokenizer_dir)
-            codes = folder / "tokens"
-            if preprocess(samples, ViQTokenizer.load(tokenizer_dir), text, codes) != 0:
-                raise SystemExit(f"error: {codes}: some samples could not be encoded (see its report)")
+            offline = {"discrete": folder / "tokens"}
+            if args.cached and "frozen" in args.encoder:
+                offline["cached"] = folder / "features"
+            for path, prefix in offline.items():
+                if preprocess(samples, ViQTokenizer.load(tokenizer_dir), text, prefix, features=path == "cached"):
+                    raise SystemExit(f"error: {prefix}: some samples could not be encoded (see its report)")
+            patches = sum(len(row.visual_positions) for row in packed)
+            stored = {path: visual_bytes(prefix) / patches for path, prefix in offline.items()}
+            print(f"| {name} | {length} | bytes per patch: codes {stored['discrete']:.0f}"
+                  + (f", features {stored['cached']:.0f} ({2 * real['encoder']['hidden_size']} at SO400M's width)"
+                     if "cached" in stored else "") + " |||||||||", flush=True)
             discrete = ["train.stage=discrete", f"model.viq_tokenizer={tokenizer_dir}", "train.freeze=[visual.head]",
-                        f"data.train={codes}", f"data.val={codes}"]
+                        f"data.train={offline['discrete']}", f"data.val={offline['discrete']}"]
             runs = {}
             for mode in args.encoder:
                 freeze = "[visual.encoder]" if mode == "frozen" else "[]"
                 runs[f"continuous_{mode}"] = ([*common, *images, f"train.freeze={freeze}"], None)
+            if "cached" in offline:
+                runs["cached"] = ([*common, "train.stage=cached", f"model.viq_tokenizer={tokenizer_dir}",
+                                   "train.freeze=[]", f"data.train={offline['cached']}",
+                                   f"data.val={offline['cached']}"], None)
             runs["discrete"] = ([*common, *discrete], None)
             runs["ideal"] = ([*common, *discrete], ideal_stage)
             trainers = {path: Trainer(load_config(None, [*overrides, f"train.output_dir={folder / 'runs' / path}"]),
@@ -328,13 +347,19 @@ def main() -> None:
                           "continuous_data_s": data_s, "discrete_s": discrete_s, "discrete_data_s": median["discrete"][1],
                           "ideal_s": ideal_s, "ideal_data_s": median["ideal"][1], "speedup": continuous_s / discrete_s,
                           "measured_ideal": continuous_s / ideal_s, "flop_ideal": flop_ideal, **proportions,
+                          "bytes_per_patch": stored,
                           "step_times_s": {path: [t for t, _ in v] for path, v in times.items()},
                           "data_times_s": {path: [dt for _, dt in v] for path, v in times.items()}}
+                cached = mode == "frozen" and "cached" in median  # the cached features are the frozen encoder's
+                if cached:
+                    result.update(cached_s=median["cached"][0], cached_data_s=median["cached"][1])
                 results.append(result)
-                print(f"| {name} | {length} | {mode} | {continuous_s:.3f} ({data_s:.3f}) | {discrete_s:.3f} "
-                      f"({median['discrete'][1]:.3f}) | {ideal_s:.3f} ({median['ideal'][1]:.3f}) | "
+                print(f"| {name} | {length} | {mode} | {continuous_s:.3f} ({data_s:.3f}) | "
+                      + (f"{median['cached'][0]:.3f} ({median['cached'][1]:.3f})" if cached else "-")
+                      + f" | {discrete_s:.3f} ({median['discrete'][1]:.3f}) | {ideal_s:.3f} ({median['ideal'][1]:.3f}) | "
                       f"{result['speedup']:.2f}x | {result['measured_ideal']:.2f}x | {flop_ideal:.2f}x | "
-                      f"{discrete_s / ideal_s - 1:+.1%} |", flush=True)
+                      f"{discrete_s / ideal_s - 1:+.1%} | "
+                      + (f"{discrete_s / median['cached'][0] - 1:+.1%}" if cached else "-") + " |", flush=True)
             for trainer in trainers.values():
                 trainer.close()
             del trainers

@@ -8,7 +8,8 @@
 # 3. packed native-resolution vs padded and length-bucketed padded batches, bf16;
 # 4. the LLM training step (Qwen2.5-0.5B / 1.5B shapes, packed 4K rows): tokens/s, MFU, host
 #    syncs and operators per step, beside the step with Megatron-Core's per-sample RoPE;
-#    the discrete vs continuous speedup (frozen and trained SO400M encoder) at 4K and 16K rows;
+#    the discrete vs continuous speedup (frozen and trained SO400M encoder) at 4K and 16K rows,
+#    beside the cached-features baseline (0.5B);
 # 5. a seconds-long stage 1 in bf16 through the training loop (DDP, optimizer, checkpoints);
 # 6. with Transformer Engine installed (clusters; not the lent GPU): the same encode with TE
 #    layers; TE vs local parity on the LLM and FP8 (delayed, current) vs bf16 step throughput.
@@ -37,10 +38,14 @@ step "LLM step, Qwen2.5-0.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-0.5b --seq-length 4096 --samples-per-row 4 --steps 10
 step "LLM step, Qwen2.5-1.5B shape, 4096 tokens in 4 samples, bf16" \
     python3 tools/bench_llm.py --model qwen2.5-1.5b --seq-length 4096 --samples-per-row 4 --steps 10
-for encoder in frozen trained; do
-    step "discrete vs continuous through the Trainer, SO400M ($encoder) + Qwen2.5-0.5B/1.5B at full size, 4K and 16K rows, bf16" \
-        python3 tools/bench_speedup.py --width-scale 1 --depth-scale 1 --seq-lengths 4096 16384 --encoder $encoder \
-        --steps 6 --num-workers 4
+# Every path holds its own LLM and Adam state (18 bytes per parameter): four paths of the 1.5B
+# LLM with 16K-token activations would not fit; it runs without the cached-features path.
+for llm in 0.5b 1.5b; do
+    for encoder in frozen trained; do
+        step "discrete vs cached vs continuous through the Trainer, SO400M ($encoder) + Qwen2.5-$llm at full size, 4K and 16K rows, bf16" \
+            python3 tools/bench_speedup.py --llm $llm --width-scale 1 --depth-scale 1 --seq-lengths 4096 16384 \
+            --encoder $encoder --steps 6 --num-workers 4 $([[ $llm == 1.5b ]] && echo --no-cached)
+    done
 done
 step "stage 1 smoke, bf16, CUDA/NCCL" \
     torchrun --nproc-per-node 1 -m viq_megatron.train --config examples/stage1_smoke.yaml \

@@ -3,6 +3,12 @@
     python tools/preprocess_images.py --input data.jsonl --tokenizer TOKENIZER_DIR \\
         --text-tokenizer .cache/smollm2-135m/tokenizer --out tokens/train
     torchrun --nproc-per-node 8 tools/preprocess_images.py ...       # data-parallel (srun works too)
+    python tools/preprocess_images.py ... --features --out features/train   # the cached-features baseline
+
+With `--features` the files hold the tokenizer's (frozen, text-aligned) encoder tokens in bf16
+instead of its codes: what a continuous model with that encoder feeds its projector, for the
+`cached` training stage, the baseline that also skips the encoder at training time (at
+2 * width bytes per patch against the codes' 16).
 
 Input: LLaVA-style JSON/JSONL (as for training) or a folder of images, each with an
 optional caption in a same-named .txt file (a symbolic link out of the folder is refused
@@ -38,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from viq_megatron.runtime.errors import InputError, check_writable, one_line_errors, read_text, writing  # noqa: E402
 
 EXIT_SKIPPED = 3
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 class ManifestMismatch(InputError):
@@ -76,20 +82,27 @@ def load_text_tokenizer(path: Path):
     return SentencePieceTokenizer(path) if path.suffix == ".model" else HFTokenizer(path)
 
 
-def encode_sample(sample, tok, text_tok):
-    """A conversation with images -> TokenSample (raises ImageError for an unusable image)."""
+def encode_sample(sample, tok, text_tok, features: bool = False):
+    """A conversation with images -> TokenSample of codes, or with `features` of encoder tokens
+    (raises ImageError for an unusable image)."""
     import numpy as np
 
     from viq_megatron.data.text import tokenize_conversation
-    from viq_megatron.data.token_dataset import ANSWER, CODES, GRID, TEXT, TokenSample
+    from viq_megatron.data.token_dataset import (ANSWER, CODES, FEATURES, GRID, TEXT, TokenSample,
+                                                 features_to_int32)
 
-    encoded = tok.encode(list(sample.images)) if sample.images else []
+    images = list(sample.images)
+    encoded = (tok.encoder_features(images) if features else [e.codes for e in tok.encode(images)]) if images else []
     segments = []
     for piece in tokenize_conversation(text_tok, sample.turns).pieces:
         if piece[0] == "image":
-            codes = encoded[piece[1]].codes
-            segments.append((GRID, np.array([codes.shape[0] // 2, codes.shape[1] // 2])))
-            segments.append((CODES, codes.reshape(-1).numpy()))
+            visual = encoded[piece[1]]
+            if features:  # [grid_h, grid_w, width]
+                segments.append((GRID, np.array(visual.shape[:2])))
+                segments.append((FEATURES, features_to_int32(visual.reshape(-1, visual.shape[-1]))))
+            else:  # [2 * grid_h, 2 * grid_w]
+                segments.append((GRID, np.array([visual.shape[0] // 2, visual.shape[1] // 2])))
+                segments.append((CODES, visual.reshape(-1).numpy()))
             continue
         ids, flags = piece[1], piece[2]
         start = 0
@@ -100,26 +113,26 @@ def encode_sample(sample, tok, text_tok):
     return TokenSample(segments)
 
 
-def write_shard(prefix: Path, items: list, tok, text_tok) -> dict:
+def write_shard(prefix: Path, items: list, tok, text_tok, features: bool) -> dict:
     from viq_megatron.data.conversations import SampleError
     from viq_megatron.data.images import ImageError
     from viq_megatron.data.token_dataset import TokenDatasetWriter
 
     writer = TokenDatasetWriter(prefix)
-    stats = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0, "skipped": []}
+    stats = {"samples": 0, "images": 0, "patches": 0, "source_bytes": 0, "skipped": []}
     for item in items:
         if isinstance(item, SampleError):
             stats["skipped"].append(str(item))
             continue
         try:
-            sample = encode_sample(item, tok, text_tok)
+            sample = encode_sample(item, tok, text_tok, features)
         except ImageError as e:
             stats["skipped"].append(f"{item.source}: {e}")
             continue
         writer.add(sample)
         stats["samples"] += 1
         stats["images"] += sample.num_images
-        stats["codes"] += sample.num_codes
+        stats["patches"] += sample.num_patches
         stats["source_bytes"] += sum(Path(p).stat().st_size for p in item.images)
     writer.finalize()
     return stats
@@ -139,7 +152,16 @@ def codebook_counts(prefix: Path, codebook_size: int):
     return counts
 
 
-def manifest(items: list, tok, text_tok, shard_size: int) -> dict:
+def visual_bytes(prefix: Path) -> int:
+    """Bytes a token dataset spends on images (codes or features; the grids aside)."""
+    from viq_megatron.data.token_dataset import CODES, FEATURES, TokenDataset
+
+    index = TokenDataset(prefix).data.index
+    visual = (index.sequence_modes == CODES) | (index.sequence_modes == FEATURES)
+    return int(index.sequence_lengths[visual].sum()) * index.dtype_size
+
+
+def manifest(items: list, tok, text_tok, shard_size: int, features: bool) -> dict:
     """What the output is built from (see the module docstring)."""
     from viq_megatron.data.conversations import SampleError
 
@@ -156,7 +178,8 @@ def manifest(items: list, tok, text_tok, shard_size: int) -> dict:
                  [item.source, [[t.role, t.text] for t in item.turns], [state(p) for p in item.images]])
         inputs.update(json.dumps(entry).encode() + b"\n")
     return {"format": MANIFEST_FORMAT, "samples": len(items), "inputs": inputs.hexdigest(),
-            "tokenizer": tok.fingerprint(), "text_tokenizer": text_tok.fingerprint(), "shard_size": shard_size}
+            "tokenizer": tok.fingerprint(), "text_tokenizer": text_tok.fingerprint(), "shard_size": shard_size,
+            "features": features}
 
 
 def check_manifest(shards_dir: Path, wanted: dict, out: Path) -> None:
@@ -177,7 +200,8 @@ def check_manifest(shards_dir: Path, wanted: dict, out: Path) -> None:
     if differ:
         what = {"inputs": "the inputs (or their images) changed", "samples": "the number of inputs changed",
                 "tokenizer": "another ViQ tokenizer", "text_tokenizer": "another text tokenizer",
-                "shard_size": f"--shard-size was {found.get('shard_size')}", "format": "another format version"}
+                "shard_size": f"--shard-size was {found.get('shard_size')}", "format": "another format version",
+                "features": "encoder features, not codes" if found.get("features") else "codes, not encoder features"}
         reasons = "; ".join(what[k] for k in differ)
         raise ManifestMismatch(f"{path}: {out} was started from something else ({reasons}); rerun with --overwrite "
                                "to rebuild it")
@@ -216,9 +240,10 @@ def remove_outputs(out: Path) -> None:
         Path(f"{out}{suffix}").unlink(missing_ok=True)
 
 
-def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> int:
+def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256, features: bool = False) -> int:
     """Writes OUT.bin/.idx (+ OUT.report.jsonl, and OUT.codebook.json: usage, perplexity and level
-    histograms of the codes written) from samples (or SampleErrors); each process of the running
+    histograms of the codes written; with `features` the encoder's tokens instead of codes, and no
+    codebook) from samples (or SampleErrors); each process of the running
     job takes every W-th shard, rank 0 merges. Collective. Returns the exit status (0, or
     EXIT_SKIPPED where some inputs were skipped) on rank 0, 0 elsewhere."""
     import torch.distributed as dist
@@ -228,7 +253,7 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
         raise InputError(f"--shard-size: {shard_size} must be >= 1")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shards_dir = Path(f"{out}.shards")
-    wanted = manifest(items, tok, text_tok, shard_size)
+    wanted = manifest(items, tok, text_tok, shard_size, features)
     problem = None
     if rank == 0:
         shards_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +274,7 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
     for k in tqdm(todo, desc="shards", disable=rank != 0, unit="shard"):
         with writing(shards_dir / f"shard_{k:06d}.bin"):
             stats = write_shard(shards_dir / f"shard_{k:06d}", items[k * shard_size:(k + 1) * shard_size], tok,
-                                text_tok)
+                                text_tok, features)
         images_done += stats["images"]
         stats["files"] = shard_digests(shards_dir / f"shard_{k:06d}")
         marker = shards_dir / f"shard_{k:06d}.json"
@@ -261,19 +286,20 @@ def preprocess(items: list, tok, text_tok, out: Path, shard_size: int = 256) -> 
     status = 0
     if rank == 0:
         with writing(f"{out}.bin"):
-            status = _merge(shards_dir, num_shards, out, tok, images_done, seconds)
+            status = _merge(shards_dir, num_shards, out, tok, images_done, seconds, features)
     if world_size > 1:
         dist.barrier()  # the merged files exist before any rank reads them
     return status
 
 
-def _merge(shards_dir: Path, num_shards: int, out: Path, tok, images_done: int, seconds: float) -> int:
+def _merge(shards_dir: Path, num_shards: int, out: Path, tok, images_done: int, seconds: float,
+           features: bool) -> int:
     """The shards -> OUT.bin/.idx, OUT.report.jsonl, OUT.codebook.json; the exit status."""
     from viq_megatron.data.token_dataset import TokenDatasetWriter
     from viq_megatron.training.codebook import codebook_summary
 
     writer = TokenDatasetWriter(out)
-    totals = {"samples": 0, "images": 0, "codes": 0, "source_bytes": 0}
+    totals = {"samples": 0, "images": 0, "patches": 0, "source_bytes": 0}
     skipped = []
     for k in range(num_shards):
         writer.append_dataset(shards_dir / f"shard_{k:06d}")
@@ -285,11 +311,14 @@ def _merge(shards_dir: Path, num_shards: int, out: Path, tok, images_done: int, 
         "".join(json.dumps({"input": line.split(": ", 1)[0], "reason": line.split(": ", 1)[-1]}) + "\n"
                 for line in skipped))
     written = sum(Path(f"{out}{suffix}").stat().st_size for suffix in (".bin", ".idx"))
-    print(f"{totals['samples']} samples, {totals['images']} images, {totals['codes']} codes; "
-          f"{len(skipped)} inputs skipped (see {out}.report.jsonl)")
+    print(f"{totals['samples']} samples, {totals['images']} images, {totals['patches']} patches "
+          f"({'encoder features' if features else 'codes'}); {len(skipped)} inputs skipped (see {out}.report.jsonl)")
     print(f"{written:,} bytes written for {totals['source_bytes']:,} bytes of source images "
           f"({written / max(totals['source_bytes'], 1):.2%}); "
           f"{images_done / max(seconds, 1e-9):.1f} images/s on rank 0 this run")
+    print(f"{visual_bytes(out) / max(totals['patches'], 1):,.0f} bytes per patch")
+    if features:
+        return EXIT_SKIPPED if skipped else 0
     fsq = tok.visual.head.quantizer.fsq
     codebook = codebook_summary(codebook_counts(out, fsq.codebook_size), fsq)
     Path(f"{out}.codebook.json").write_text(json.dumps(codebook))
@@ -315,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="image paths resolve under this folder (default: the input's folder)")
     parser.add_argument("--allow-outside-root", action="store_true")
     parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--features", action="store_true",
+                        help="store the encoder's tokens (bf16) instead of codes: the cached-features baseline")
     parser.add_argument("--overwrite", action="store_true", help="discard OUT's earlier output and shards first")
     args = parser.parse_args(argv)
     if not args.input.exists():
@@ -330,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         items = read_inputs(args.input, args.root, args.allow_outside_root)
         if args.overwrite and dist.get_rank() == 0:  # the others wait for rank 0's manifest in preprocess
             remove_outputs(args.out)
-        status = preprocess(items, tok, text_tok, args.out, args.shard_size)
+        status = preprocess(items, tok, text_tok, args.out, args.shard_size, args.features)
     shutdown()
     return status
 

@@ -314,9 +314,10 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    # stage1, stage2, decoder: the tokenizer. continuous / discrete: multimodal LLM training on
-    # images through the encoder, or on offline codes (data.train/val: token-file prefixes).
-    stage: Literal["stage1", "stage2", "decoder", "continuous", "discrete"] = "stage1"
+    # stage1, stage2, decoder: the tokenizer. continuous / discrete / cached: multimodal LLM
+    # training on images through the encoder, on offline codes, or on offline encoder features
+    # (the last two: data.train/val are token-file prefixes).
+    stage: Literal["stage1", "stage2", "decoder", "continuous", "discrete", "cached"] = "stage1"
     # A checkpoint (directory, or a run's output_dir) of an earlier stage: the weights it
     # shares with this stage's model are loaded before training.
     init_from: str = ""
@@ -403,6 +404,8 @@ class Config:
                  "model.decoder", "the decoder stage needs model.head and model.decoder")
         _require(stage != "discrete" or bool(self.model.viq_tokenizer), "model.viq_tokenizer",
                  "missing (the discrete stage embeds the codes with a ViQTokenizer directory's head)")
+        _require(stage != "cached" or bool(self.model.viq_tokenizer), "model.viq_tokenizer",
+                 "missing (the cached stage reads the features of a ViQTokenizer directory's encoder)")
         _require(self.train.stage != "decoder" or self.parallel.pipeline_model_parallel_size == 1,
                  "parallel.pipeline_model_parallel_size", "the decoder stage has no LLM to split into stages")
         _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
@@ -428,7 +431,7 @@ class Config:
                  f"{self.model.head.quantizer!r} has no codes; export an fsq head")
 
 
-ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete")
+ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete", "cached")
 
 
 # ---------------------------------------------------------------- loading

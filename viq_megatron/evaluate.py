@@ -23,8 +23,9 @@ logits, and rank 0 writes the file. Pipeline parallelism is not supported here.
 The model is the config's stage with the run's checkpoint loaded over it: stage1 and
 continuous: encoder + projector; stage2: encoder + ViQ head + projector; discrete: the
 run's head + projector embed offline codes, or, for questions with images, the ViQ tokenizer
-of model.viq_tokenizer encodes them online first (the same codes, bit for bit). A frozen pretrained LLM that the checkpoint leaves out comes from
-model.llm.checkpoint.
+of model.viq_tokenizer encodes them online first (the same codes, bit for bit); cached: that
+tokenizer's encoder reads the images online, then the run's projector. A frozen pretrained LLM
+that the checkpoint leaves out comes from model.llm.checkpoint.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from viq_megatron.data.text import (IMAGE_PLACEHOLDER, HFTokenizer, SentencePiec
                                     tokenize_conversation)
 from viq_megatron.data.token_dataset import TokenDataset
 from viq_megatron.models.hf_llm import CheckpointError
-from viq_megatron.models.provider import load_prefixed, quantized_input, tokenizer_config
+from viq_megatron.models.provider import encoder_input, load_prefixed, quantized_input, tokenizer_config
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
 from viq_megatron.runtime.errors import InputError, check_writable, one_line_errors
 from viq_megatron.training.checkpoint import checkpoint_step, left_out, load_shared_weights
@@ -176,7 +177,7 @@ def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
     elsewhere = set()  # key prefixes the model has without the checkpoint
     if cfg.train.stage == "stage1":
         elsewhere.update(("visual.teacher.", "visual.pooling."))  # training only
-    if cfg.train.stage == "discrete" and online:
+    if cfg.train.stage in ("discrete", "cached") and online:
         visual_cfg = _online_tokenizer(cfg, model)
         elsewhere.add("visual.")
     available = dist_checkpointing.load_tensors_metadata(str(step))
@@ -193,12 +194,14 @@ def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
 
 
 def _online_tokenizer(cfg: Config, model) -> Config:
-    """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head (its weights;
-    the run's checkpoint then overrides the head and holds the projector it trained).
-    Returns `cfg` with the tokenizer's encoder, head and image rules (the codes were made with them)."""
+    """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head; cached stage:
+    its encoder (their weights; the run's checkpoint then overrides the head and holds the
+    projector it trained). Returns `cfg` with the tokenizer's encoder, head and image rules (the
+    codes or features were made with them)."""
     tokenizer_cfg, _, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
-    model.visual = quantized_input(tokenizer_cfg, model.llm.config.hidden_size)
-    for part in ("encoder", "head"):  # the run has the projector
+    hidden, cached = model.llm.config.hidden_size, cfg.train.stage == "cached"
+    model.visual = encoder_input(tokenizer_cfg, hidden) if cached else quantized_input(tokenizer_cfg, hidden)
+    for part in ("encoder",) if cached else ("encoder", "head"):  # the run has the projector
         load_prefixed(getattr(model.visual, part), weights, f"visual.{part}.")
     return tokenizer_cfg
 

@@ -5,6 +5,7 @@
     encoded = tok.encode(["photo.jpg", pil_image])    # codes [H/8, W/8] per image + resized size
     embeddings = tok.embed([e.codes for e in encoded])  # [patches, llm_hidden] per image, from codes alone
     images = tok.decode([e.codes for e in encoded])     # PIL images (needs a trained pixel decoder)
+    features = tok.encoder_features(["photo.jpg"])      # [H/16, W/16, width]: the encoder's tokens
     tok.save("copy_dir")                                # safetensors + viq_tokenizer.json
 
 A plain torch module on any device: no distributed runtime, no process group, no patch
@@ -136,6 +137,19 @@ class ViQTokenizer:
             grid = part.reshape(-1)[raster_order(gh, gw).to(part.device)].reshape(2 * gh, 2 * gw)
             out.append(EncodedImage(grid.cpu(), (gw * self.cfg.model.encoder.patch_size,
                                                  gh * self.cfg.model.encoder.patch_size)))
+        return out
+
+    @torch.no_grad()
+    def encoder_features(self, images: Sequence[ImageSource]) -> list[torch.Tensor]:
+        """Images at any resolution -> the encoder's tokens [grid_h, grid_w, width] per image, before
+        the head: what a continuous model with this (frozen) encoder feeds its projector."""
+        loaded = [load_native_image(im, self.cfg.data.image, self.cfg.model.encoder.patch_size) for im in images]
+        packed = PackedImages.from_images(loaded)
+        out = []
+        for image, tokens in zip(loaded, packed.split(self.visual.encoder(packed))):
+            if not torch.isfinite(tokens).all():
+                raise ImageError(f"{image.source}: the encoder's features are NaN or infinite")
+            out.append(tokens.reshape(*image.grid, -1).cpu())
         return out
 
     def _patch_major(self, codes: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ class EncodedSample:
     images: list[NativeImage]  # native resolution, for the encoder
     teacher_images: list[NativeImage]  # fixed square resolution, for the frozen teacher
     codes: list[torch.Tensor] = field(default_factory=list)  # offline ViQ codes [patches, 4] per image
+    features: list[torch.Tensor] = field(default_factory=list)  # or offline encoder tokens [patches, width] bf16
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -108,6 +109,7 @@ class PackedBatch:
     teacher_images: PackedImages | None  # fixed resolution, same order
     sources: list[str]
     codes: torch.Tensor | None = None  # offline path: [V, 4] ViQ codes (4 per visual token), same order
+    features: torch.Tensor | None = None  # cached-features path: [V, width] bf16 encoder tokens, same order
     skipped: list[str] = field(default_factory=list)  # samples of this row that could not be read, and why
 
     def pin_memory(self) -> "PackedBatch":
@@ -154,6 +156,7 @@ def pack_samples(samples: Sequence[EncodedSample]) -> PackedBatch:
         teacher_images=PackedImages.from_images(teacher) if teacher else None,
         sources=[s.source for s in samples],
         codes=torch.cat([c for s in samples for c in s.codes]) if any(s.codes for s in samples) else None,
+        features=torch.cat([f for s in samples for f in s.features]) if any(s.features for s in samples) else None,
     )
 
 
@@ -249,18 +252,32 @@ class PackedConversationDataset(PackedRows):
 
 
 class PackedTokenDataset(PackedRows):
-    """Offline samples (text tokens + ViQ codes, written by tools/preprocess_images.py) packed
-    into rows exactly as PackedConversationDataset packs the same samples: no image is decoded."""
+    """Offline samples (text tokens + ViQ codes, or with `feature_width` encoder tokens of that
+    width, written by tools/preprocess_images.py) packed into rows exactly as
+    PackedConversationDataset packs the same samples: no image is decoded."""
 
-    def __init__(self, prefix: str, seq_length: int, seed: int, shuffle: bool = True):
-        from viq_megatron.data.token_dataset import CODES, GRID, TokenDataset
+    def __init__(self, prefix: str, seq_length: int, seed: int, shuffle: bool = True,
+                 feature_width: int | None = None):
+        from viq_megatron.data.token_dataset import CODES, FEATURES, GRID, TokenDataset
 
-        self.data = TokenDataset(prefix)
+        self.data, self.prefix, self.feature_width = TokenDataset(prefix), prefix, feature_width
         self.skipped: list[str] = []
-        # Lengths from the index alone (no token is read): text tokens + one slot per 4 codes.
         index = self.data.data.index
         sizes, modes = index.sequence_lengths.astype("int64"), index.sequence_modes
-        per_sequence = np.where(modes == CODES, sizes // 4, np.where(modes == GRID, 0, sizes))
+        if feature_width is None and (modes == FEATURES).any():
+            raise InputError(f"{prefix}: holds encoder features (preprocess_images.py --features), which the cached "
+                             "stage reads; this stage reads ViQ codes")
+        if feature_width is not None and (modes == CODES).any():
+            raise InputError(f"{prefix}: holds ViQ codes, which the discrete stage reads; the cached stage reads "
+                             "encoder features (preprocess_images.py --features)")
+        # Lengths from the index alone (no token is read): text tokens + one slot per patch, whose
+        # 4 codes, or width bf16 features (two per int32), the files hold.
+        per_patch = 4 if feature_width is None else feature_width // 2
+        visual = (modes == CODES) | (modes == FEATURES)
+        if (sizes[visual] % per_patch).any():
+            raise InputError(f"{prefix}: encoder features of another width than the model's encoder "
+                             f"({feature_width}; written with another tokenizer?)")
+        per_sequence = np.where(visual, sizes // per_patch, np.where(modes == GRID, 0, sizes))
         bounds = self.data.documents
         totals = np.add.reduceat(per_sequence, bounds[:-1]) if len(per_sequence) else np.zeros(0, "int64")
         totals[bounds[1:] == bounds[:-1]] = 0  # empty documents
@@ -278,17 +295,18 @@ class PackedTokenDataset(PackedRows):
         super().__init__(lengths, seq_length, seed, shuffle)
 
     def __getitem__(self, row: int) -> PackedBatch:
-        return pack_samples([offline_sample(self.data[self.indices[i]], f"{self.indices[i]}")
-                             for i in self.row_indices(row)])
+        return pack_samples([offline_sample(self.data[self.indices[i]], f"{self.prefix}:{self.indices[i]}",
+                                            self.feature_width) for i in self.row_indices(row)])
 
 
-def offline_sample(sample, source: str) -> EncodedSample:
-    """A TokenSample (text tokens, patch grids and ViQ codes) laid out as `encode_sample` lays out
-    its conversation: one slot per patch, codes [patches, 4] per image, loss flags on answers."""
-    from viq_megatron.data.token_dataset import ANSWER, CODES, GRID
+def offline_sample(sample, source: str, feature_width: int | None = None) -> EncodedSample:
+    """A TokenSample (text tokens, patch grids and ViQ codes, or encoder features of
+    `feature_width`) laid out as `encode_sample` lays out its conversation: one slot per patch,
+    codes [patches, 4] (or features [patches, width]) per image, loss flags on answers."""
+    from viq_megatron.data.token_dataset import ANSWER, CODES, FEATURES, GRID, features_from_int32
     from viq_megatron.models.pixel_decoder import patch_major
 
-    ids, flags, slots, codes = [], [], [], []
+    ids, flags, slots, codes, features = [], [], [], [], []
     grid = None
     for mode, seq in sample.segments:
         if mode == GRID:
@@ -298,7 +316,13 @@ def offline_sample(sample, source: str) -> EncodedSample:
             flags.extend([False] * (grid[0] * grid[1]))
         elif mode == CODES:
             codes.append(patch_major(torch.from_numpy(seq), *grid))
+        elif mode == FEATURES:
+            if feature_width is None:
+                raise InputError(f"{source}: encoder features (preprocess_images.py --features), not ViQ codes")
+            features.append(features_from_int32(seq, feature_width))
+            if len(features[-1]) != grid[0] * grid[1]:
+                raise InputError(f"{source}: {len(features[-1])} feature vectors for a {grid[0]}x{grid[1]} patch grid")
         else:
             ids.extend(int(v) for v in seq)
             flags.extend([mode == ANSWER] * len(seq))
-    return EncodedSample(source, ids, flags, slots, [], [], codes)
+    return EncodedSample(source, ids, flags, slots, [], [], codes, features)

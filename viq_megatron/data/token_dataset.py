@@ -6,6 +6,9 @@ One document per sample; its sequences, in conversation order, each carry a mode
     ANSWER    text tokens the loss is taken on (the assistant's)
     GRID      [grid_h, grid_w]: the next image's patch grid (codes are 2*grid_h x 2*grid_w)
     CODES     the image's ViQ codes, row-major over its code grid (one per 8x8 pixels)
+    FEATURES  or (`preprocess_images.py --features`, the cached-features baseline) the image's
+              encoder tokens [grid_h * grid_w, width], row-major over its patch grid, in bf16:
+              two values in each int32
 
 int32 throughout (text vocabularies exceed uint16). Megatron-Core's own
 `IndexedDataset(prefix, multimodal=True)` reads the files.
@@ -22,7 +25,20 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 
 from viq_megatron.runtime.errors import InputError, first_line
 
-TEXT, ANSWER, GRID, CODES = 0, 1, 2, 3
+TEXT, ANSWER, GRID, CODES, FEATURES = 0, 1, 2, 3, 4
+
+
+def features_to_int32(features: torch.Tensor) -> np.ndarray:
+    """Encoder tokens [patches, width] (width even) -> bf16 bit patterns, two per int32, flat."""
+    if features.shape[-1] % 2:
+        raise ValueError(f"encoder features of odd width {features.shape[-1]} do not pack two per int32")
+    return features.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.int32).reshape(-1)
+
+
+def features_from_int32(values: np.ndarray, width: int) -> torch.Tensor:
+    """`features_to_int32`'s inverse: [patches, width] bf16."""
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32).view(np.int16)).view(torch.bfloat16) \
+        .reshape(-1, width)
 
 
 @dataclass
@@ -33,11 +49,11 @@ class TokenSample:
 
     @property
     def num_images(self) -> int:
-        return sum(mode == CODES for mode, _ in self.segments)
+        return sum(mode == GRID for mode, _ in self.segments)
 
     @property
-    def num_codes(self) -> int:
-        return sum(len(seq) for mode, seq in self.segments if mode == CODES)
+    def num_patches(self) -> int:
+        return sum(int(seq[0]) * int(seq[1]) for mode, seq in self.segments if mode == GRID)
 
 
 class TokenDatasetWriter:

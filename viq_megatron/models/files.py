@@ -41,20 +41,26 @@ def visual_config(cfg: Config, llm_hidden_size: int, head: bool = True, decoder:
     return {"model": model, "data": {"image": dataclasses.asdict(cfg.data.image)}, "llm_hidden_size": llm_hidden_size}
 
 
-def read_tokenizer_files(directory: str | Path) -> tuple[Config, int, dict[str, torch.Tensor]]:
-    """(model config, LLM width its projector feeds, weights) of a saved tokenizer directory;
-    weights holding NaN or infinite values are refused."""
-    directory = Path(directory)
-    config_file, weights_file = directory / TOKENIZER_CONFIG, directory / WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise TokenizerError(f"{file}: missing")
+def read_tokenizer_config(directory: str | Path) -> tuple[Config, int]:
+    """(model config, LLM width its projector feeds) of a saved tokenizer directory."""
+    config_file = Path(directory) / TOKENIZER_CONFIG
+    if not config_file.is_file():
+        raise TokenizerError(f"{config_file}: missing")
     try:
         raw = json.loads(config_file.read_text())
         llm_hidden_size = int(raw.pop("llm_hidden_size"))
-        cfg = config_from_dict(raw, str(config_file))
+        return config_from_dict(raw, str(config_file)), llm_hidden_size
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise TokenizerError(f"{config_file}: {first_line(e)}") from None
+
+
+def read_tokenizer_files(directory: str | Path) -> tuple[Config, int, dict[str, torch.Tensor]]:
+    """(model config, LLM width its projector feeds, weights) of a saved tokenizer directory;
+    weights holding NaN or infinite values are refused."""
+    weights_file = Path(directory) / WEIGHTS_FILE
+    cfg, llm_hidden_size = read_tokenizer_config(directory)
+    if not weights_file.is_file():
+        raise TokenizerError(f"{weights_file}: missing")
     try:
         state = load_file(str(weights_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types

@@ -2,9 +2,11 @@
 
 One assembly for every path. Only the visual-input module changes: stage 1 and the
 continuous baseline use `EncoderVisualInput` (native-resolution ViT + projector),
-stage 2 `QuantizedVisualInput` (+ the ViQ head), and discrete training on offline
-codes `CodeVisualInput` (the head's per-patch decoding + projector, no image at all). It returns one LLM embedding per visual
-token; they replace the placeholder slots of the text embeddings.
+stage 2 `QuantizedVisualInput` (+ the ViQ head), discrete training on offline codes
+`CodeVisualInput` (the head's per-patch decoding + projector, no image at all), and the
+cached-features baseline `CachedFeatureVisualInput` (a frozen encoder's tokens stored offline +
+projector). It returns one LLM embedding per visual token; they replace the placeholder slots
+of the text embeddings.
 """
 from __future__ import annotations
 
@@ -113,6 +115,21 @@ class CodeVisualInput(MegatronModule):
     def forward(self, batch: PackedBatch) -> VisualOutput:
         features = self.head.embed_codes(batch.codes.to(self.head.from_code.weight.device))
         return VisualOutput(row_blocked(self.projector, features), features)
+
+
+class CachedFeatureVisualInput(MegatronModule):
+    """Offline encoder tokens (a frozen encoder's, stored in bf16) -> projector: no image, no
+    encoder. Computes what EncoderVisualInput feeds the LLM for the same images, up to the
+    features' bf16 rounding."""
+
+    def __init__(self, projector: Projector, config):
+        super().__init__(config=config)
+        self.projector = projector
+
+    def forward(self, batch: PackedBatch) -> VisualOutput:
+        weight = self.projector.fc1.weight
+        features = batch.features.to(weight.device, non_blocking=True).to(weight.dtype)
+        return VisualOutput(self.projector(features), features)
 
 
 class VisionLanguageModel(MegatronModule):

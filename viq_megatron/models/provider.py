@@ -11,6 +11,7 @@ runs when used as a library:
     encoder_input    images -> encoder -> projector            (stage 1, continuous)
     quantized_input  images -> encoder -> ViQ head -> projector (stage 2, the tokenizer)
     code_input       offline codes -> ViQ head -> projector     (discrete)
+    feature_input    offline encoder tokens -> projector        (cached, the cached-features baseline)
 
 Nothing under models/ imports from training/.
 """
@@ -26,7 +27,8 @@ from viq_megatron.models.files import WEIGHTS_FILE, read_tokenizer_files
 from viq_megatron.models.hf_llm import CheckpointError, load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm_chunks
 from viq_megatron.models.lora import add_lora
-from viq_megatron.models.multimodal import CodeVisualInput, EncoderVisualInput, Projector, QuantizedVisualInput
+from viq_megatron.models.multimodal import (CachedFeatureVisualInput, CodeVisualInput, EncoderVisualInput, Projector,
+                                            QuantizedVisualInput)
 from viq_megatron.models.pixel_decoder import PixelDecoder
 from viq_megatron.models.pooling import AttentionPooling
 from viq_megatron.models.sharding import load_full_state_dict
@@ -179,16 +181,32 @@ def load_prefixed(module: torch.nn.Module, weights: dict[str, torch.Tensor], pre
     load_full_state_dict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
 
 
-def code_input(cfg: Config, llm_hidden_size: int) -> CodeVisualInput:
-    """Discrete training on offline codes: model.viq_tokenizer's head (its weights) and projector
-    (its weights, or a fresh one with model.projector: new) embed them; no encoder is built."""
-    tokenizer_cfg, saved_width, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
+def tokenizer_projector(cfg: Config, tokenizer_cfg: Config, saved_width: int, weights: dict[str, torch.Tensor],
+                        llm_hidden_size: int) -> Projector:
+    """model.viq_tokenizer's projector (its weights, or a fresh one with model.projector: new)."""
     new_projector = cfg.model.projector == "new"
     if saved_width != llm_hidden_size and not new_projector:
         raise ConfigError(f"{cfg.model.viq_tokenizer}: its projector feeds width {saved_width}, the LLM has "
                           f"{llm_hidden_size} (model.projector=new trains a new one)")
-    visual = CodeVisualInput(build_head(tokenizer_cfg), build_projector(tokenizer_cfg, llm_hidden_size))
-    load_prefixed(visual.head, weights, "visual.head.")
+    projector = build_projector(tokenizer_cfg, llm_hidden_size)
     if not new_projector:
-        load_prefixed(visual.projector, weights, "visual.projector.")
+        load_prefixed(projector, weights, "visual.projector.")
+    return projector
+
+
+def code_input(cfg: Config, llm_hidden_size: int) -> CodeVisualInput:
+    """Discrete training on offline codes: model.viq_tokenizer's head (its weights) and projector
+    embed them; no encoder is built."""
+    tokenizer_cfg, saved_width, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
+    head = build_head(tokenizer_cfg)
+    visual = CodeVisualInput(head, tokenizer_projector(cfg, tokenizer_cfg, saved_width, weights, llm_hidden_size))
+    load_prefixed(visual.head, weights, "visual.head.")
     return visual
+
+
+def feature_input(cfg: Config, llm_config) -> CachedFeatureVisualInput:
+    """The cached-features baseline: model.viq_tokenizer's projector reads its (frozen) encoder's
+    tokens, stored offline (tools/preprocess_images.py --features); no encoder is built."""
+    tokenizer_cfg, saved_width, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
+    return CachedFeatureVisualInput(
+        tokenizer_projector(cfg, tokenizer_cfg, saved_width, weights, llm_config.hidden_size), llm_config)

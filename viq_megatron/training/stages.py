@@ -23,7 +23,7 @@ from viq_megatron.models.flops import llm_forward_flops, vit_forward_flops
 from viq_megatron.models.multimodal import MultimodalOutput, QuantizedVisualInput, VisionLanguageModel, VisualOutput
 from viq_megatron.models.pixel_decoder import PixelDecoder, drawn_and_original, pixel_losses
 from viq_megatron.models.provider import (build_llm_from_config, build_pixel_decoder, code_input, encoder_input,
-                                          llm_arch, quantized_input)
+                                          feature_input, llm_arch, quantized_input)
 from viq_megatron.models.viq_head import ViQHead
 from viq_megatron.models.vit import row_blocked
 from viq_megatron.training.codebook import CodebookStats
@@ -246,5 +246,14 @@ def build_discrete(cfg: Config) -> Stage:
     return caption_stage(cfg, code_input(cfg, llm[0].config.hidden_size), llm)
 
 
+def build_cached(cfg: Config) -> Stage:
+    """The cached-features baseline: the continuous path with its frozen encoder's tokens stored
+    offline (tools/preprocess_images.py --features with model.viq_tokenizer, whose projector
+    starts the run, or train.init_from a stage-1 run's): like discrete training, no image and no
+    encoder at training time."""
+    llm = build_llm_from_config(cfg)
+    return caption_stage(cfg, feature_input(cfg, llm[0].config), llm)
+
+
 STAGES = {"stage1": build_stage1, "stage2": build_stage2, "decoder": build_decoder_stage,
-          "continuous": build_continuous, "discrete": build_discrete}
+          "continuous": build_continuous, "discrete": build_discrete, "cached": build_cached}

@@ -42,6 +42,7 @@ from viq_megatron.data.embedded import write_embedded_dataset
 from viq_megatron.data.loader import row_loader
 from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset, PackedTokenDataset
 from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
+from viq_megatron.models.files import read_tokenizer_config
 from viq_megatron.models.flops import peak_flops
 from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.models.lora import is_adapter
@@ -123,11 +124,15 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
-        # Data: offline token files for the discrete stage, conversations with images otherwise.
+        # Data: offline token files for the discrete and cached stages (codes, or the tokenizer's
+        # encoder features), conversations with images otherwise.
         self.counters = {"malformed": 0, "skipped_rows": 0}
-        if cfg.train.stage == "discrete":
-            self.train_data = PackedTokenDataset(cfg.data.train, cfg.data.seq_length, cfg.seed)
-            self.val_data = PackedTokenDataset(cfg.data.val, cfg.data.seq_length, cfg.seed, shuffle=False)
+        if cfg.train.stage in ("discrete", "cached"):
+            width = (read_tokenizer_config(cfg.model.viq_tokenizer)[0].model.encoder.hidden_size
+                     if cfg.train.stage == "cached" else None)
+            self.train_data = PackedTokenDataset(cfg.data.train, cfg.data.seq_length, cfg.seed, feature_width=width)
+            self.val_data = PackedTokenDataset(cfg.data.val, cfg.data.seq_length, cfg.seed, shuffle=False,
+                                               feature_width=width)
         else:
             self._conversation_data(cfg)
 
