@@ -293,8 +293,9 @@ def main() -> None:
             offline = {"discrete": folder / "tokens"}
             if args.cached and "frozen" in args.encoder:
                 offline["cached"] = folder / "features"
+            tokenizer = ViQTokenizer.load(tokenizer_dir)
             for path, prefix in offline.items():
-                if preprocess(samples, ViQTokenizer.load(tokenizer_dir), text, prefix, features=path == "cached"):
+                if preprocess(samples, tokenizer, text, prefix, features=path == "cached"):
                     raise SystemExit(f"error: {prefix}: some samples could not be encoded (see its report)")
             patches = sum(len(row.visual_positions) for row in packed)
             stored = {path: visual_bytes(prefix) / patches for path, prefix in offline.items()}

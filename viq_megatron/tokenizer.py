@@ -119,13 +119,18 @@ class ViQTokenizer:
     def device(self) -> torch.device:
         return self.visual.head.from_code.weight.device
 
+    def _encoder_tokens(self, images: Sequence[ImageSource]) -> tuple[list, PackedImages, torch.Tensor]:
+        """(the images at native resolution, packed, the encoder's tokens of the pack)."""
+        loaded = [load_native_image(im, self.cfg.data.image, self.cfg.model.encoder.patch_size) for im in images]
+        packed = PackedImages.from_images(loaded)
+        return loaded, packed, self.visual.encoder(packed)
+
     @torch.no_grad()
     def encode(self, images: Sequence[ImageSource]) -> list[EncodedImage]:
         """Images at any resolution -> one code per 8x8 pixels of each native-resolution image."""
-        loaded = [load_native_image(im, self.cfg.data.image, self.cfg.model.encoder.patch_size) for im in images]
-        packed = PackedImages.from_images(loaded)
+        loaded, packed, tokens = self._encoder_tokens(images)
         head = self.visual.head
-        bottleneck = head.pre_quantization(self.visual.encoder(packed), packed)
+        bottleneck = head.pre_quantization(tokens, packed)
         finite = torch.isfinite(bottleneck).flatten(1).all(1)
         if not finite.all():  # NaN would round to an arbitrary code
             bad = next(im for im, ok in zip(loaded, packed.split(finite)) if not ok.all())
@@ -143,10 +148,9 @@ class ViQTokenizer:
     def encoder_features(self, images: Sequence[ImageSource]) -> list[torch.Tensor]:
         """Images at any resolution -> the encoder's tokens [grid_h, grid_w, width] per image, before
         the head: what a continuous model with this (frozen) encoder feeds its projector."""
-        loaded = [load_native_image(im, self.cfg.data.image, self.cfg.model.encoder.patch_size) for im in images]
-        packed = PackedImages.from_images(loaded)
+        loaded, packed, tokens = self._encoder_tokens(images)
         out = []
-        for image, tokens in zip(loaded, packed.split(self.visual.encoder(packed))):
+        for image, tokens in zip(loaded, packed.split(tokens)):
             if not torch.isfinite(tokens).all():
                 raise ImageError(f"{image.source}: the encoder's features are NaN or infinite")
             out.append(tokens.reshape(*image.grid, -1).cpu())

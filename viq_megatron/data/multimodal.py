@@ -274,7 +274,7 @@ class PackedTokenDataset(PackedRows):
         # 4 codes, or width bf16 features (two per int32), the files hold.
         per_patch = 4 if feature_width is None else feature_width // 2
         visual = (modes == CODES) | (modes == FEATURES)
-        if (sizes[visual] % per_patch).any():
+        if feature_width is not None and (sizes[visual] % per_patch).any():
             raise InputError(f"{prefix}: encoder features of another width than the model's encoder "
                              f"({feature_width}; written with another tokenizer?)")
         per_sequence = np.where(visual, sizes // per_patch, np.where(modes == GRID, 0, sizes))
