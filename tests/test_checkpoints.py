@@ -9,6 +9,7 @@
   line naming the file, on every path that opens a checkpoint (resume, train.init_from,
   evaluate) before torch reads anything. Each payload is first shown to be live.
 """
+
 import io
 import logging
 import pickle
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_train_config
 
 
@@ -35,8 +35,19 @@ def tiny_llm(ffn_hidden_size: int = 128):
     from viq_megatron.models.llm import build_llm
 
     torch.manual_seed(0)
-    return build_llm(LLMArch(hidden_size=64, num_layers=1, num_attention_heads=4, num_query_groups=2,
-                             ffn_hidden_size=ffn_hidden_size, vocab_size=256), 1, torch.float32, "local")
+    return build_llm(
+        LLMArch(
+            hidden_size=64,
+            num_layers=1,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=ffn_hidden_size,
+            vocab_size=256,
+        ),
+        1,
+        torch.float32,
+        "local",
+    )
 
 
 def save(llm, root, step: int, keep_last: int = 0):
@@ -94,7 +105,7 @@ def test_newest_whole_checkpoint_is_found_from_the_folders(saved, damage, caplog
         assert found == second and not warnings
     else:  # the damaged newest is skipped for the one before, with one line saying why
         assert found == first
-        warning, = warnings
+        (warning,) = warnings
         assert str(second) in warning and "\n" not in warning
 
 
@@ -147,8 +158,10 @@ def test_changed_model_shape_is_one_line_naming_the_tensor(saved):
 
     _, run, step = saved
     wider = tiny_llm(ffn_hidden_size=96)
-    for attempt in (lambda: load_checkpoint(step, wider.sharded_state_dict(prefix="llm.")),
-                    lambda: load_shared_weights([wider], run, prefix="llm.")):
+    for attempt in (
+        lambda: load_checkpoint(step, wider.sharded_state_dict(prefix="llm.")),
+        lambda: load_shared_weights([wider], run, prefix="llm."),
+    ):
         with pytest.raises(CheckpointError) as refused:
             attempt()
         message = str(refused.value)
@@ -197,8 +210,11 @@ def test_crafted_shard_item_is_refused_before_it_runs(saved, tmp_path):
     torch.save(CreatesFile(marker), payload)
     (step / "__crafted.distcp").write_bytes(payload.getvalue())
     metadata = pickle.loads((step / ".metadata").read_bytes())  # genuine: its classes only
-    item = next(index for index in metadata.storage_data
-                if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata))
+    item = next(
+        index
+        for index in metadata.storage_data
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata)
+    )
     metadata.storage_data[item] = _StorageInfo("__crafted.distcp", 0, len(payload.getvalue()))
     (step / ".metadata").write_bytes(pickle.dumps(metadata))
     refused_everywhere(llm, run, step, tmp_path, "__crafted.distcp")

@@ -1,21 +1,29 @@
 import json
 import statistics
-import sys
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-import compare_throughput  # noqa: E402
+from viq_megatron.cli import compare_throughput
 
 
 def write_log(path, step_times, visual):
     path.parent.mkdir(parents=True)
     lines = [{"step": 0, "split": "val", "loss": 3.0}]
     for k, t in enumerate(step_times):
-        lines.append({"step": k + 1, "split": "train", "loss": 2.0, "step_time_s": t, "data_time_s": 0.1 * t,
-                      "visual_time_s": visual * t, "llm_time_s": (0.8 - visual) * t, "optimizer_time_s": 0.1 * t,
-                      "samples_per_s": 8 / t, "tokens_per_s": 4096 / t, "tflops_per_device": 1.0 / t,
-                      "peak_memory_gib": 2.0})
+        lines.append(
+            {
+                "step": k + 1,
+                "split": "train",
+                "loss": 2.0,
+                "step_time_s": t,
+                "data_time_s": 0.1 * t,
+                "visual_time_s": visual * t,
+                "llm_time_s": (0.8 - visual) * t,
+                "optimizer_time_s": 0.1 * t,
+                "samples_per_s": 8 / t,
+                "tokens_per_s": 4096 / t,
+                "tflops_per_device": 1.0 / t,
+                "peak_memory_gib": 2.0,
+            }
+        )
     path.write_text("".join(json.dumps(l) + "\n" for l in lines))
     return path
 

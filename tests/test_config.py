@@ -1,9 +1,9 @@
 import textwrap
 
 import pytest
+from conftest import ROOT
 
 from viq_megatron.config import ConfigError, load_config
-from conftest import ROOT
 
 
 def write(tmp_path, text):
@@ -23,8 +23,13 @@ def test_example_configs_load():
     assert tiny.parallel.tensor_model_parallel_size == 2
     gpu = load_config(ROOT / "examples/encoder_so400m_gpu.yaml")
     enc = gpu.model.encoder
-    assert (enc.hidden_size, enc.num_layers, enc.num_attention_heads, enc.ffn_hidden_size, enc.patch_size) == \
-        (1152, 27, 16, 4304, 16)
+    assert (enc.hidden_size, enc.num_layers, enc.num_attention_heads, enc.ffn_hidden_size, enc.patch_size) == (
+        1152,
+        27,
+        16,
+        4304,
+        16,
+    )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -33,10 +38,13 @@ def test_every_example_config_is_valid(path):
 
 
 def test_yaml_values_and_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         model: {encoder: {hidden_size: 96, num_attention_heads: 4}}
         data: {image: {mean: [0.1, 0.2, 0.3]}}
-        """)
+        """,
+    )
     cfg = load_config(path, ["model.encoder.num_layers=3", "data.image.max_aspect_ratio=10", "seed=7"])
     assert cfg.model.encoder.hidden_size == 96
     assert cfg.model.encoder.num_layers == 3
@@ -122,13 +130,16 @@ def test_whole_file_errors_are_one_line_naming_the_file(tmp_path):
 
 def test_a_key_given_twice_is_refused(tmp_path):
     # PyYAML's own loader keeps the second value without a word.
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         train:
           steps: 5
           optimizer: {lr: 0.1}
         train:
           steps: 6
-        """)
+        """,
+    )
     with pytest.raises(ConfigError, match=rf"^{path}: train: given twice \(line 4\)$"):
         load_config(path)
     with pytest.raises(ConfigError, match="steps: given twice"):
@@ -137,28 +148,37 @@ def test_a_key_given_twice_is_refused(tmp_path):
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     # YAML 1.1 reads `1e-3` as a string; every float field takes it as the number.
-    cfg = load_config(write(tmp_path, "train: {optimizer: {lr: 1e-3, min_lr: 2E-5, adam_eps: 1e-8}}\n"),
-                      ["train.optimizer.weight_decay=5e-2"])
-    assert (cfg.train.optimizer.lr, cfg.train.optimizer.min_lr, cfg.train.optimizer.adam_eps,
-            cfg.train.optimizer.weight_decay) == (1e-3, 2e-5, 1e-8, 5e-2)
+    cfg = load_config(
+        write(tmp_path, "train: {optimizer: {lr: 1e-3, min_lr: 2E-5, adam_eps: 1e-8}}\n"),
+        ["train.optimizer.weight_decay=5e-2"],
+    )
+    assert (
+        cfg.train.optimizer.lr,
+        cfg.train.optimizer.min_lr,
+        cfg.train.optimizer.adam_eps,
+        cfg.train.optimizer.weight_decay,
+    ) == (1e-3, 2e-5, 1e-8, 5e-2)
     with pytest.raises(ConfigError, match="seed: expected int, got float"):
         load_config(None, ["seed=1e3"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.log_every=0", "train.log_every: must be >= 1"),
-    ("train.eval_batches=0", "train.eval_batches: must be >= 1"),
-    ("data.seq_length=0", "data.seq_length: must be >= 1"),
-    ("train.optimizer.lr=-1e-4", "train.optimizer.lr: must be >= 0"),
-    ("train.optimizer.lr=.nan", "train.optimizer.lr: nan is not a finite number"),
-    ("train.optimizer.lr=.inf", "train.optimizer.lr: inf is not a finite number"),
-    ("seed=4294967296", r"seed: 4294967296 is not in \[0, 2\*\*32\)"),
-    ("seed=-1", r"seed: -1 is not in \[0, 2\*\*32\)"),
-    ("train.output_dir=", "train.output_dir: must name a folder"),
-    ("train.output_dir=' '", "train.output_dir: must name a folder"),
-    ("model.head={}", None),  # even patch: fine
-    ("model.encoder.patch_size=15", None),  # no head: any size
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.log_every=0", "train.log_every: must be >= 1"),
+        ("train.eval_batches=0", "train.eval_batches: must be >= 1"),
+        ("data.seq_length=0", "data.seq_length: must be >= 1"),
+        ("train.optimizer.lr=-1e-4", "train.optimizer.lr: must be >= 0"),
+        ("train.optimizer.lr=.nan", "train.optimizer.lr: nan is not a finite number"),
+        ("train.optimizer.lr=.inf", "train.optimizer.lr: inf is not a finite number"),
+        ("seed=4294967296", r"seed: 4294967296 is not in \[0, 2\*\*32\)"),
+        ("seed=-1", r"seed: -1 is not in \[0, 2\*\*32\)"),
+        ("train.output_dir=", "train.output_dir: must name a folder"),
+        ("train.output_dir=' '", "train.output_dir: must name a folder"),
+        ("model.head={}", None),  # even patch: fine
+        ("model.encoder.patch_size=15", None),  # no head: any size
+    ],
+)
 def test_impossible_values_are_refused(override, message):
     if message is None:
         load_config(None, [override, "data.image.max_pixels=4096"])
@@ -171,19 +191,27 @@ def test_patch_sizes_that_break_the_2x2_layout_are_refused():
     with pytest.raises(ConfigError, match=r"model\.encoder\.patch_size: 15 cannot be cut into the head's 2x2"):
         load_config(None, ["model.encoder.patch_size=15", "model.head={}", "data.image.max_pixels=4096"])
     with pytest.raises(ConfigError, match=r"model\.encoder\.patch_size: 14: the pixel decoder draws 8x8"):
-        load_config(None, ["model.encoder.patch_size=14", "model.head={}", "model.decoder={}",
-                           "data.image.max_pixels=4096"])
+        load_config(
+            None, ["model.encoder.patch_size=14", "model.head={}", "model.decoder={}", "data.image.max_pixels=4096"]
+        )
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
-    arch = ("model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
-            "ffn_hidden_size: 128, vocab_size: 300}")
+    arch = (
+        "model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
+        "ffn_hidden_size: 128, vocab_size: 300}"
+    )
     with pytest.raises(ConfigError, match=r"sentencepiece_vocab_size: 512 pieces do not fit .*vocab_size=300"):
         load_config(None, [arch, "model.llm.tokenizer.kind=sentencepiece"])
 
 
 def test_stage_requirements_are_config_errors():
+    """Each stage checks what it needs of the config (training/stages/)."""
+    from viq_megatron.training.stages import stage_for
+
     with pytest.raises(ConfigError, match=r"model\.head: missing \(train\.stage stage2"):
-        load_config(None, ["train.stage=stage2"])
+        stage_for(load_config(None, ["train.stage=stage2"]))
     with pytest.raises(ConfigError, match=r"model\.viq_tokenizer: missing"):
-        load_config(None, ["train.stage=discrete"])
+        stage_for(load_config(None, ["train.stage=discrete"]))
+    with pytest.raises(ConfigError, match=r"train\.stage: 'stage3' is not one of 'stage1', 'stage2'"):
+        stage_for(load_config(None, ["train.stage=stage3"]))

@@ -1,13 +1,14 @@
 """LLaVA-style data: validation errors, tokenized loss flags, skipped samples."""
+
 import json
 
 import pytest
+from conftest import make_image
 
 from viq_megatron.config import ImageConfig
 from viq_megatron.data.conversations import Sample, SampleError, read_conversations
 from viq_megatron.data.multimodal import PackedConversationDataset
 from viq_megatron.data.text import IMAGE_PLACEHOLDER, SentencePieceTokenizer, Turn, tokenize_conversation
-from conftest import make_image
 
 
 def conv(*turns, image=None):
@@ -26,23 +27,33 @@ def test_malformed_samples_are_reported_with_file_and_index(tmp_path):
     make_image(tmp_path / "ok.png")
     outside = tmp_path.parent / "outside.png"
     make_image(outside)
-    data = write_jsonl(tmp_path / "data.jsonl", [
-        conv(("human", "<image>\nWhat?"), ("gpt", "A picture."), image="ok.png"),  # 0: good
-        conv(("human", "<image> and <image>"), ("gpt", "Two."), image="ok.png"),  # 1: 2 placeholders, 1 image
-        conv(("human", "<image>"), ("gpt", "x"), image="missing.png"),  # 2: missing file
-        {"conversations": []},  # 3: empty
-        conv(("human", "<image>"), ("gpt", "x"), image="../outside.png"),  # 4: escapes the root
-        conv(("human", "<image>"), ("gpt", "x"), image=str(outside)),  # 5: absolute path elsewhere
-        "{not json",  # 6
-        conv(("robot", "hi"), ("gpt", "x")),  # 7: unknown speaker
-        conv(("human", "hi"), ("gpt", "   ")),  # 8: nothing to learn
-        conv(("human", "Describe <image>"), ("gpt", "A picture."), image=[{"img_path": "ok.png"}]),  # 9: good
-    ])
+    data = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            conv(("human", "<image>\nWhat?"), ("gpt", "A picture."), image="ok.png"),  # 0: good
+            conv(("human", "<image> and <image>"), ("gpt", "Two."), image="ok.png"),  # 1: 2 placeholders, 1 image
+            conv(("human", "<image>"), ("gpt", "x"), image="missing.png"),  # 2: missing file
+            {"conversations": []},  # 3: empty
+            conv(("human", "<image>"), ("gpt", "x"), image="../outside.png"),  # 4: escapes the root
+            conv(("human", "<image>"), ("gpt", "x"), image=str(outside)),  # 5: absolute path elsewhere
+            "{not json",  # 6
+            conv(("robot", "hi"), ("gpt", "x")),  # 7: unknown speaker
+            conv(("human", "hi"), ("gpt", "   ")),  # 8: nothing to learn
+            conv(("human", "Describe <image>"), ("gpt", "A picture."), image=[{"img_path": "ok.png"}]),  # 9: good
+        ],
+    )
     items = list(read_conversations(data))
     assert [isinstance(i, Sample) for i in items] == [True] + [False] * 8 + [True]
-    expected = ["2 <image> placeholders but 1 images", "image file 'missing.png' not found",
-                "empty or missing 'conversations'", "escapes the dataset root", "escapes the dataset root",
-                "invalid JSON", "unknown speaker 'robot'", "no assistant answer"]
+    expected = [
+        "2 <image> placeholders but 1 images",
+        "image file 'missing.png' not found",
+        "empty or missing 'conversations'",
+        "escapes the dataset root",
+        "escapes the dataset root",
+        "invalid JSON",
+        "unknown speaker 'robot'",
+        "no assistant answer",
+    ]
     for index, (item, reason) in enumerate(zip(items[1:9], expected), start=1):
         message = str(item)
         assert "\n" not in message
@@ -69,8 +80,12 @@ def sp_tokenizer(tmp_path_factory):
 
 
 def test_loss_flags_cover_exactly_the_answers(sp_tokenizer):
-    turns = [Turn("user", f"{IMAGE_PLACEHOLDER}\nDescribe the image."), Turn("assistant", "A red circle."),
-             Turn("user", "How many squares are there?"), Turn("assistant", "2")]
+    turns = [
+        Turn("user", f"{IMAGE_PLACEHOLDER}\nDescribe the image."),
+        Turn("assistant", "A red circle."),
+        Turn("user", "How many squares are there?"),
+        Turn("assistant", "2"),
+    ]
     pieces = tokenize_conversation(sp_tokenizer, turns).pieces
     assert pieces[1] == ("image", 0)
     ids = [i for p in pieces if p[0] == "text" for i in p[1]]
@@ -95,7 +110,9 @@ def test_real_chat_template_flags(tmp_path):
     gguf = smollm2_gguf()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp_path)
     tokenizer = HFTokenizer(tmp_path)
-    pieces = tokenize_conversation(tokenizer, [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "A cat.")]).pieces
+    pieces = tokenize_conversation(
+        tokenizer, [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "A cat.")]
+    ).pieces
     ids = [i for p in pieces if p[0] == "text" for i in p[1]]
     flags = [f for p in pieces if p[0] == "text" for f in p[2]]
     assert [p[0] for p in pieces] == ["text", "image", "text"]
@@ -109,11 +126,19 @@ def test_dataset_skips_and_counts_bad_samples(tmp_path, sp_tokenizer):
     truncated = tmp_path / "broken.jpg"
     make_image(truncated, size=(64, 64))
     truncated.write_bytes(truncated.read_bytes()[:700])
-    samples = [s for s in read_conversations(write_jsonl(tmp_path / "d.jsonl", [
-        conv(("human", "<image>\nDescribe the image."), ("gpt", "A red circle."), image="small.png"),
-        conv(("human", "<image>\nDescribe the image."), ("gpt", "Too long."), image="big.png"),
-        conv(("human", "<image>\nDescribe the image."), ("gpt", "Broken."), image="broken.jpg"),
-    ]))]
+    samples = [
+        s
+        for s in read_conversations(
+            write_jsonl(
+                tmp_path / "d.jsonl",
+                [
+                    conv(("human", "<image>\nDescribe the image."), ("gpt", "A red circle."), image="small.png"),
+                    conv(("human", "<image>\nDescribe the image."), ("gpt", "Too long."), image="big.png"),
+                    conv(("human", "<image>\nDescribe the image."), ("gpt", "Broken."), image="broken.jpg"),
+                ],
+            )
+        )
+    ]
     rules = ImageConfig(min_pixels=256, max_pixels=512 * 512)
     data = PackedConversationDataset(samples, sp_tokenizer, rules, 16, seq_length=200, teacher_side=32, seed=0)
     too_long = [r for r in data.skipped if "do not fit data.seq_length=200" in r]
@@ -130,9 +155,21 @@ def test_row_order_is_a_pure_function_of_the_row(tmp_path, sp_tokenizer):
     """Every sample once per epoch; a fresh dataset (a resumed job) reads the same rows."""
     for i in range(12):
         make_image(tmp_path / f"{i}.png", size=(32 + 16 * (i % 4), 32), seed=i)
-    samples = list(read_conversations(write_jsonl(tmp_path / "d.jsonl", [
-        conv(("human", "<image>\nDescribe the image."), ("gpt", "A red circle." * (1 + i % 3)), image=f"{i}.png")
-        for i in range(12)])))
+    samples = list(
+        read_conversations(
+            write_jsonl(
+                tmp_path / "d.jsonl",
+                [
+                    conv(
+                        ("human", "<image>\nDescribe the image."),
+                        ("gpt", "A red circle." * (1 + i % 3)),
+                        image=f"{i}.png",
+                    )
+                    for i in range(12)
+                ],
+            )
+        )
+    )
     rules = ImageConfig(min_pixels=256, max_pixels=4096)
 
     def dataset():
@@ -144,8 +181,8 @@ def test_row_order_is_a_pure_function_of_the_row(tmp_path, sp_tokenizer):
         starts.append(starts[-1] + len(first.epoch_rows(epoch)))
     rows = [first.row_indices(r) for r in range(starts[-1])]
     for epoch in range(3):
-        assert sorted(i for row in rows[starts[epoch]:starts[epoch + 1]] for i in row) == list(range(12))
-    assert rows[:starts[1]] != rows[starts[1]:starts[2]]  # reshuffled each epoch
+        assert sorted(i for row in rows[starts[epoch] : starts[epoch + 1]] for i in row) == list(range(12))
+    assert rows[: starts[1]] != rows[starts[1] : starts[2]]  # reshuffled each epoch
     resumed = dataset()
     for r in (starts[2] + 1, 0, starts[1]):
         assert resumed.row_indices(r) == rows[r]
@@ -154,11 +191,13 @@ def test_row_order_is_a_pure_function_of_the_row(tmp_path, sp_tokenizer):
 @pytest.mark.parametrize("problem", ["no usable sample", "unwritable output_dir", "not UTF-8", "tokenizer too large"])
 def test_training_on_unusable_data_or_output_is_one_line(tmp_path, capsys, megatron_world, problem):
     """Before: SentencePiece's internal error with nothing to train on, or a traceback."""
-    from viq_megatron import train
     from conftest import TINY_TRAIN
 
-    data = write_jsonl(tmp_path / "bad.jsonl", [conv(("human", "<image>"), ("gpt", "x"), image="gone.png"),
-                                                 "{not json"])
+    from viq_megatron import train
+
+    data = write_jsonl(
+        tmp_path / "bad.jsonl", [conv(("human", "<image>"), ("gpt", "x"), image="gone.png"), "{not json"]
+    )
     output_dir, named = tmp_path / "run", f"{data}: no usable training sample (2 malformed"
     if problem == "unwritable output_dir":
         (tmp_path / "file").write_text("")
@@ -169,16 +208,29 @@ def test_training_on_unusable_data_or_output_is_one_line(tmp_path, capsys, megat
     extra = []
     if problem == "tokenizer too large":  # a SentencePiece model of more pieces than the LLM's 300
         good = write_jsonl(tmp_path / "good.jsonl", [conv(("human", "Hi."), ("gpt", f"Answer {i}.")) for i in range(3)])
-        pieces = SentencePieceTokenizer.train([f"text number {i} of many words" for i in range(300)], 400,
-                                              tmp_path / "sp").vocab_size
+        pieces = SentencePieceTokenizer.train(
+            [f"text number {i} of many words" for i in range(300)], 400, tmp_path / "sp"
+        ).vocab_size
         assert pieces > 300
         data, named = good, f"{tmp_path / 'sp.model'}: its {pieces} tokens do not fit the LLM's vocabulary of 300"
-        extra = ["model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
-                 "ffn_hidden_size: 128, vocab_size: 300}", "model.llm.tokenizer.sentencepiece_vocab_size=256",
-                 f"model.llm.tokenizer.sentencepiece_model={tmp_path / 'sp.model'}"]
+        extra = [
+            "model.llm.arch={hidden_size: 64, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
+            "ffn_hidden_size: 128, vocab_size: 300}",
+            "model.llm.tokenizer.sentencepiece_vocab_size=256",
+            f"model.llm.tokenizer.sentencepiece_model={tmp_path / 'sp.model'}",
+        ]
     (tmp_path / "c.yaml").write_text("{}\n")
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--config", str(tmp_path / "c.yaml"), *TINY_TRAIN, f"data.train={data}", f"data.val={data}",
-                    f"train.output_dir={output_dir}", *extra])
+        train.main(
+            [
+                "--config",
+                str(tmp_path / "c.yaml"),
+                *TINY_TRAIN,
+                f"data.train={data}",
+                f"data.val={data}",
+                f"train.output_dir={output_dir}",
+                *extra,
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"error: {named}") and err.count("\n") == 1, err

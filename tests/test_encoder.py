@@ -1,12 +1,13 @@
 """The native-resolution ViT in one process: packing invariance and position embeddings."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, tiny_config
 
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.provider import build_encoder
-from conftest import make_image, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,10 @@ def images(tmp_path_factory):
     cfg = tiny_config()
     # Different sizes and aspect ratios, including one of only 2 patches.
     sizes = [(200, 120), (64, 64), (32, 16), (100, 260), (160, 160)]
-    return [load_native_image(make_image(folder / f"{i}.png", size=s, seed=i), cfg.data.image, 16)
-            for i, s in enumerate(sizes)]
+    return [
+        load_native_image(make_image(folder / f"{i}.png", size=s, seed=i), cfg.data.image, 16)
+        for i, s in enumerate(sizes)
+    ]
 
 
 def test_output_is_one_token_per_patch(encoder, images):
@@ -124,9 +127,12 @@ def test_flop_count_matches_torch_flop_counter(encoder, tmp_path):
 
     rules = ImageConfig(min_pixels=256, max_pixels=65536)
     # 64 + 128 patches: no row padding, so every counted FLOP is a real one.
-    packed = PackedImages.from_images([
-        load_native_image(make_image(tmp_path / "a.png", size=(128, 128)), rules, 16),
-        load_native_image(make_image(tmp_path / "b.png", size=(256, 128)), rules, 16)])
+    packed = PackedImages.from_images(
+        [
+            load_native_image(make_image(tmp_path / "a.png", size=(128, 128)), rules, 16),
+            load_native_image(make_image(tmp_path / "b.png", size=(256, 128)), rules, 16),
+        ]
+    )
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     counter = FlopCounterMode(display=False)

@@ -5,21 +5,29 @@ embedded scenes' question/answer pairs and answers questions with it; the tests 
 answer files. Chance for a question is 1 / the number of distinct answers its type has
 (count, colour, shape, yes/no, ...), averaged over the questions.
 """
+
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image, torchrun
 
 WORKER = "tests/workers/evaluate_checks.py"
 
 # Question types of the embedded scenes, by a phrase of the question (first match wins).
-TYPES = (("background", "background"), ("how many shapes", "count_all"), ("any text", "has_text"),
-         ("how many", "count_shape"), ("colour is the word", "text_colour"), ("colour is the number", "text_colour"),
-         ("what colour", "colour"), ("what shape", "shape"), ("left or right", "left_right"),
-         ("above or below", "above_below"))
+TYPES = (
+    ("background", "background"),
+    ("how many shapes", "count_all"),
+    ("any text", "has_text"),
+    ("how many", "count_shape"),
+    ("colour is the word", "text_colour"),
+    ("colour is the number", "text_colour"),
+    ("what colour", "colour"),
+    ("what shape", "shape"),
+    ("left or right", "left_right"),
+    ("above or below", "above_below"),
+)
 
 
 def question_type(question: str) -> str:
@@ -42,9 +50,11 @@ def scores(answers: list[dict], answer_sets: dict) -> dict:
 
     n = len(answers)
     majority = {t: Counter(a).most_common(1)[0][0] for t, a in answer_sets.items()}
-    return {"accuracy": sum(normalize(r["answer"]) == normalize(r["reference"]) for r in answers) / n,
-            "chance": sum(1 / len(set(answer_sets[question_type(r["question"])])) for r in answers) / n,
-            "majority": sum(majority[question_type(r["question"])] == r["reference"] for r in answers) / n}
+    return {
+        "accuracy": sum(normalize(r["answer"]) == normalize(r["reference"]) for r in answers) / n,
+        "chance": sum(1 / len(set(answer_sets[question_type(r["question"])])) for r in answers) / n,
+        "majority": sum(majority[question_type(r["question"])] == r["reference"] for r in answers) / n,
+    }
 
 
 def test_trained_model_beats_chance_on_the_embedded_questions(trained):
@@ -59,8 +69,10 @@ def test_trained_model_beats_chance_on_the_embedded_questions(trained):
     questions = [json.loads(line) for line in (work / "data/qa_train_questions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in seen] == [q["id"] for q in questions]  # every question, in input order
     seen_scores, held_out_scores = scores(seen, answer_sets), scores(held_out, answer_sets)
-    print(f"\nseen scenes ({len(seen)} questions): {seen_scores}\nheld-out scenes ({len(held_out)} questions): "
-          f"{held_out_scores}\ntimings: {result['timings']}")
+    print(
+        f"\nseen scenes ({len(seen)} questions): {seen_scores}\nheld-out scenes ({len(held_out)} questions): "
+        f"{held_out_scores}\ntimings: {result['timings']}"
+    )
     assert seen_scores["accuracy"] > seen_scores["chance"] + 0.05
 
 
@@ -79,8 +91,12 @@ def test_hugging_face_export_answers_like_evaluate(trained):
     assert all(result["hf_teacher_forced"])
     exported = work / "hf"
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    for name in ("model.safetensors", "viq_visual/config.json", "viq_visual/model.safetensors",
-                 "viq_visual/tokenizer.model"):
+    for name in (
+        "model.safetensors",
+        "viq_visual/config.json",
+        "viq_visual/model.safetensors",
+        "viq_visual/tokenizer.model",
+    ):
         assert (exported / name).is_file(), name
 
 
@@ -99,13 +115,17 @@ def test_malformed_question_file_is_a_one_line_error(tmp_path, capsys):
 
     make_image(tmp_path / "a.png")
     good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
-    for line, problem in (("{not json", "invalid JSON"), (json.dumps({**good, "image": "b.png"}), "not found"),
-                          (json.dumps({"conversations": [{"from": "gpt", "value": "A"}]}), "no human turn")):
+    for line, problem in (
+        ("{not json", "invalid JSON"),
+        (json.dumps({**good, "image": "b.png"}), "not found"),
+        (json.dumps({"conversations": [{"from": "gpt", "value": "A"}]}), "no human turn"),
+    ):
         questions = tmp_path / "questions.jsonl"
         questions.write_text(json.dumps(good) + "\n" + line + "\n")
         with pytest.raises(SystemExit) as exit_info:
-            evaluate.main(["--checkpoint", str(tmp_path), "--questions", str(questions), "--out",
-                           str(tmp_path / "answers.jsonl")])
+            evaluate.main(
+                ["--checkpoint", str(tmp_path), "--questions", str(questions), "--out", str(tmp_path / "answers.jsonl")]
+            )
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{questions}: sample 1:" in err and problem in err, err
@@ -120,9 +140,12 @@ def test_question_formats(tmp_path):
     make_image(tmp_path / "a.png")
     turns = [("human", "<image>\nDescribe."), ("gpt", "A cat."), ("human", "What colour?"), ("gpt", "red")]
     questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"id": "x", "image": "a.png",
-                                     "conversations": [{"from": f, "value": v} for f, v in turns]}) + "\n"
-                         + json.dumps({"question_id": 7, "image": "a.png", "text": "What is it?"}) + "\n")
+    questions.write_text(
+        json.dumps({"id": "x", "image": "a.png", "conversations": [{"from": f, "value": v} for f, v in turns]})
+        + "\n"
+        + json.dumps({"question_id": 7, "image": "a.png", "text": "What is it?"})
+        + "\n"
+    )
     first, second = read_questions(questions)
     assert (first.id, first.question, first.reference, len(first.sample.turns)) == ("x", "What colour?", "red", 3)
     assert (second.id, second.question, second.reference) == (7, "What is it?", None)
@@ -163,10 +186,26 @@ def test_a_missing_checkpoint_or_unwritable_output_stops_before_any_answer(train
 
     work, _ = trained
     (tmp_path / "file").write_text("")
-    for checkpoint, out, named in ((tmp_path / "no_run", tmp_path / "a.jsonl", tmp_path / "no_run"),
-                                   (work / "run", tmp_path / "file/a.jsonl", tmp_path / "file/a.jsonl")):
-        result = subprocess.run([sys.executable, "-m", "viq_megatron.evaluate", "--checkpoint", str(checkpoint),
-                                 "--questions", str(work / "data/qa_val.jsonl"), "--out", str(out),
-                                 *command_line(work)], capture_output=True, text=True, timeout=300)
+    for checkpoint, out, named in (
+        (tmp_path / "no_run", tmp_path / "a.jsonl", tmp_path / "no_run"),
+        (work / "run", tmp_path / "file/a.jsonl", tmp_path / "file/a.jsonl"),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "viq_megatron.evaluate",
+                "--checkpoint",
+                str(checkpoint),
+                "--questions",
+                str(work / "data/qa_val.jsonl"),
+                "--out",
+                str(out),
+                *command_line(work),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 2 and result.stderr.startswith(f"error: {named}: "), result.stderr[-2000:]
         assert result.stderr.count("\n") == 1 and "answering" not in result.stderr, result.stderr

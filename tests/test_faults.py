@@ -6,12 +6,12 @@ bit-identical to an uninterrupted run: every tensor of the final checkpoint (wei
 optimizer state) and the trainer state; OUT.bin, OUT.idx and OUT.report.jsonl byte for byte.
 One worker process runs the whole drill (tests/workers/fault_checks.py), about a minute.
 """
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 TRAINING_RESUMES_AT = {  # where each rerun must start: the newest whole checkpoint
@@ -20,15 +20,25 @@ TRAINING_RESUMES_AT = {  # where each rerun must start: the newest whole checkpo
     "save: renamed, pointer stale": 4,
     "shard truncated": 2,
 }
-PREPROCESS_CASES = ("shard: half written", "shard: written, not marked", "merge: appending shards",
-                    "merge: .bin in place, .idx not", "shard truncated")
+PREPROCESS_CASES = (
+    "shard: half written",
+    "shard: written, not marked",
+    "merge: appending shards",
+    "merge: .bin in place, .idx not",
+    "shard truncated",
+)
 
 
 @pytest.fixture(scope="module")
 def drill(tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
-    result = subprocess.run([sys.executable, str(ROOT / "tests/workers/fault_checks.py"), str(work),
-                             str(work / "result.json")], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/workers/fault_checks.py"), str(work), str(work / "result.json")],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((work / "result.json").read_text())
 

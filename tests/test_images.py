@@ -3,24 +3,27 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 
 from viq_megatron.config import ImageConfig
 from viq_megatron.data.images import ImageError, load_native_image, native_size, open_rgb, patchify
-from conftest import make_image
 
 RULES = ImageConfig(min_pixels=64 * 64, max_pixels=512 * 512)
 
 
-@pytest.mark.parametrize("width,height", [
-    (512, 512),      # already on the grid, inside the budget: unchanged
-    (640, 427),      # landscape photo
-    (3000, 300),     # wide
-    (300, 3000),     # tall
-    (20, 10),        # tiny: scaled up to the minimum
-    (12000, 9000),   # huge: scaled down to the maximum
-    (1, 150),        # thinner than a patch
-])
+@pytest.mark.parametrize(
+    "width,height",
+    [
+        (512, 512),  # already on the grid, inside the budget: unchanged
+        (640, 427),  # landscape photo
+        (3000, 300),  # wide
+        (300, 3000),  # tall
+        (20, 10),  # tiny: scaled up to the minimum
+        (12000, 9000),  # huge: scaled down to the maximum
+        (1, 150),  # thinner than a patch
+    ],
+)
 def test_native_size_rules(width, height):
     w, h = native_size(width, height, 16, RULES.min_pixels, RULES.max_pixels)
     assert w % 16 == 0 and h % 16 == 0 and w >= 16 and h >= 16
@@ -46,7 +49,7 @@ def test_patchify_matches_a_direct_crop(tmp_path):
     assert patches.shape == (2 * 3, 16 * 16 * 3)
     for row in range(2):
         for col in range(3):
-            crop = array[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].astype(np.float32) / 255.0
+            crop = array[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16].astype(np.float32) / 255.0
             np.testing.assert_array_equal(patches[row * 3 + col].numpy(), crop.reshape(-1))
 
 
@@ -81,11 +84,14 @@ def test_modes_become_rgb(tmp_path):
     pixel = open_rgb(tmp_path / "grey16.png", RULES).getpixel((0, 0))
     assert pixel == (191, 191, 191)  # rescaled from 16 bits, not clipped to 255
 
-    for values, expected in ((np.float32([[0.75, 0.25]]), [191, 64]),  # 0..1: the usual float range
-                             (np.float32([[191.0, 64.0]]), [191, 64])):  # a value above 1: 0..255
+    for values, expected in (
+        (np.float32([[0.75, 0.25]]), [191, 64]),  # 0..1: the usual float range
+        (np.float32([[191.0, 64.0]]), [191, 64]),
+    ):  # a value above 1: 0..255
         Image.fromarray(np.repeat(values, 10, axis=0), "F").save(tmp_path / "float.tif")
-        assert [open_rgb(tmp_path / "float.tif", RULES).getpixel((x, 0)) for x in (0, 1)] == \
-            [(v, v, v) for v in expected]  # PIL's convert("RGB") makes 0..1 black
+        assert [open_rgb(tmp_path / "float.tif", RULES).getpixel((x, 0)) for x in (0, 1)] == [
+            (v, v, v) for v in expected
+        ]  # PIL's convert("RGB") makes 0..1 black
     Image.fromarray(np.full((20, 20), 49151, dtype=np.uint16)).save(tmp_path / "grey16.tif")
     assert open_rgb(tmp_path / "grey16.tif", RULES).getpixel((0, 0)) == (191, 191, 191)
     Image.fromarray(np.full((20, 20), np.nan, dtype=np.float32), "F").save(tmp_path / "nan.tif")

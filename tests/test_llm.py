@@ -1,18 +1,19 @@
 """The Megatron-Core LLM vs transformers; checkpoint conversion; packed multimodal loss."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
+from hf_models import TINY_HF, make_tiny_hf
 from safetensors.torch import load_file
 
 from viq_megatron.models import hf_llm
 from viq_megatron.models.hf_llm import CheckpointError, load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm
 from viq_megatron.models.pretrained import import_hf_llm
-from conftest import ROOT
-from hf_models import TINY_HF, make_tiny_hf
 
 
 def hf_logits(hf_dir, ids):
@@ -29,8 +30,16 @@ def our_logits(checkpoint, ids):
     device = next(model.parameters()).device
     positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
     with torch.no_grad():
-        return model(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=None,
-                     runtime_gather_output=True).float().cpu()
+        return (
+            model(
+                input_ids=ids.to(device),
+                position_ids=positions.to(device),
+                attention_mask=None,
+                runtime_gather_output=True,
+            )
+            .float()
+            .cpu()
+        )
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_HF))
@@ -45,8 +54,19 @@ def test_logits_match_transformers_and_export_round_trips(kind, tmp_path, megatr
     assert (our_logits(ours, ids) - reference).abs().max() < 1e-4
 
     exported = tmp_path / "exported"
-    subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_checkpoint.py"), "export", "--checkpoint",
-                    str(ours), "--out", str(exported)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/convert_hf_checkpoint.py"),
+            "export",
+            "--checkpoint",
+            str(ours),
+            "--out",
+            str(exported),
+        ],
+        check=True,
+        capture_output=True,
+    )
     original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(exported / "model.safetensors"))
     assert set(original) == set(back)
     for name in original:
@@ -65,8 +85,11 @@ def test_broken_checkpoints_name_the_tensor(tmp_path):
         hf_llm.hf_to_megatron(missing, arch, source="src")
     misshaped = dict(weights)
     misshaped["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 95)
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj.weight has shape \(64, 95\), "
-                                              r"expected \(64, 96\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.0.mlp.down_proj.weight has shape \(64, 95\), "
+        r"expected \(64, 96\)",
+    ):
         hf_llm.hf_to_megatron(misshaped, arch, source="src")
     extra = {**weights, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}
     with pytest.raises(CheckpointError, match=r"^src: tensor model.layers.0.self_attn.o_proj.bias is not supported"):
@@ -92,12 +115,13 @@ def test_tp_shards_follow_megatron_partition_attributes(tmp_path, megatron_world
 def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_world):
     """Several samples (one image expanding into ~100 visual tokens) in one packed row give
     the same per-token losses as each sample alone."""
+    from conftest import make_image, tiny_train_config
+
     from viq_megatron.data.conversations import Sample
     from viq_megatron.data.multimodal import encode_sample, pack_samples
     from viq_megatron.data.text import SentencePieceTokenizer, Turn
-    from viq_megatron.models.provider import build_encoder
     from viq_megatron.models.multimodal import EncoderVisualInput, Projector, VisionLanguageModel
-    from conftest import make_image, tiny_train_config
+    from viq_megatron.models.provider import build_encoder
 
     cfg = tiny_train_config(tmp_path, "data.image.max_pixels=32768")
     torch.manual_seed(0)
@@ -108,12 +132,21 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
     texts = ["Describe the image.", "A red circle.", "Two blue squares on grey.", "What colour?", "green"]
     tokenizer = SentencePieceTokenizer.train(texts * 4, 300, tmp_path / "sp")
     samples = []
-    for i, (size, turns) in enumerate([
-        ((160, 144), [Turn("user", "<image>\nDescribe the image."), Turn("assistant", "A red circle.")]),
-        (None, [Turn("user", "What colour?"), Turn("assistant", "green")]),
-        ((48, 32), [Turn("user", "Describe the image. <image>"), Turn("assistant", "Two blue squares on grey."),
-                    Turn("user", "What colour?"), Turn("assistant", "green")]),
-    ]):
+    for i, (size, turns) in enumerate(
+        [
+            ((160, 144), [Turn("user", "<image>\nDescribe the image."), Turn("assistant", "A red circle.")]),
+            (None, [Turn("user", "What colour?"), Turn("assistant", "green")]),
+            (
+                (48, 32),
+                [
+                    Turn("user", "Describe the image. <image>"),
+                    Turn("assistant", "Two blue squares on grey."),
+                    Turn("user", "What colour?"),
+                    Turn("assistant", "green"),
+                ],
+            ),
+        ]
+    ):
         images = (make_image(tmp_path / f"{i}.png", size=size, seed=i),) if size else ()
         sample = Sample(f"s{i}", tuple(turns), images)
         samples.append(encode_sample(sample, tokenizer, cfg.data.image, 16, 32))
@@ -124,7 +157,7 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
         alone = [(model(pack_samples([s])).token_losses.cpu() * pack_samples([s]).loss_mask) for s in samples]
     bounds = packed.cu_seqlens.tolist()
     for k, single in enumerate(alone):
-        assert torch.allclose(per_token[bounds[k]:bounds[k + 1]], single, atol=1e-5), k
+        assert torch.allclose(per_token[bounds[k] : bounds[k + 1]], single, atol=1e-5), k
     packed_mean = per_token.sum() / packed.loss_mask.sum()
     weighted = sum(s.sum() for s in alone) / sum(pack_samples([s]).loss_mask.sum() for s in samples)
     assert packed_mean.item() == pytest.approx(weighted.item(), rel=1e-6)
@@ -132,9 +165,10 @@ def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_wo
 
 
 def test_lora_starts_at_the_base_model_and_equals_merged_weights(tmp_path, megatron_world):
+    from conftest import TINY_TRAIN
+
     from viq_megatron.config import ConfigError, LoRAConfig, load_config
     from viq_megatron.models.lora import add_lora
-    from conftest import TINY_TRAIN
 
     hf_dir = make_tiny_hf("qwen2", tmp_path / "hf")
     arch = import_hf_llm(hf_dir, tmp_path / "ours")
@@ -154,7 +188,7 @@ def test_lora_starts_at_the_base_model_and_equals_merged_weights(tmp_path, megat
     merged = build_llm(arch, 1, torch.float32, "local").eval()
     load_llm_weights(merged, tmp_path / "ours")
     with torch.no_grad():
-        for (name, module), (_, target) in zip(adapted.named_modules(), merged.named_modules()):
+        for (_, module), (_, target) in zip(adapted.named_modules(), merged.named_modules()):
             if hasattr(module, "lora_b"):
                 module.lora_b.normal_(0, 0.05)
                 target.weight += (lora.alpha / lora.rank) * module.lora_b @ module.lora_a
@@ -169,9 +203,10 @@ def test_lora_refuses_linears_that_fuse_their_layer_norm(megatron_world):
     `layer_norm_weight`): the hook would see the un-normalised input and the merged weight would be
     another model. TE does not run here, so a module carrying that attribute stands in for it; the
     adapter still goes on plain linears of the same model."""
+    from conftest import TINY_TRAIN
+
     from viq_megatron.config import ConfigError, LoRAConfig, load_config
     from viq_megatron.models.lora import add_lora
-    from conftest import TINY_TRAIN
 
     class FusedNormLinear(torch.nn.Linear):
         def __init__(self):
@@ -185,8 +220,15 @@ def test_lora_refuses_linears_that_fuse_their_layer_norm(megatron_world):
     assert add_lora(layer, LoRAConfig(rank=2, targets=["linear_proj"])) == 1
     with pytest.raises(ConfigError, match=r"\['linear_fc1', 'linear_qkv'\] fuse their layer norm"):
         load_config(None, [*TINY_TRAIN, "model.llm.lora.rank=4", "model.transformer_impl=transformer_engine"])
-    load_config(None, [*TINY_TRAIN, "model.llm.lora.rank=4", "model.transformer_impl=transformer_engine",
-                       "model.llm.lora.targets=[linear_proj, linear_fc2]"])
+    load_config(
+        None,
+        [
+            *TINY_TRAIN,
+            "model.llm.lora.rank=4",
+            "model.transformer_impl=transformer_engine",
+            "model.llm.lora.targets=[linear_proj, linear_fc2]",
+        ],
+    )
 
 
 def test_fused_cross_entropy_and_swiglu_equal_the_plain_loss(tmp_path, megatron_world, monkeypatch):
@@ -214,7 +256,7 @@ def test_fused_cross_entropy_and_swiglu_equal_the_plain_loss(tmp_path, megatron_
     (plain, plain_grads), (fused_loss, fused_grads) = results
     assert torch.allclose(fused_loss, plain, rtol=1e-5, atol=1e-5)
     for name, grad in plain_grads.items():
-        assert (fused_grads[name] - grad).abs().max() <= 2 ** -8 * grad.abs().max(), name
+        assert (fused_grads[name] - grad).abs().max() <= 2**-8 * grad.abs().max(), name
 
 
 def test_rope_from_per_token_angles_equals_megatron_per_sample_rope(tmp_path, megatron_world):
@@ -236,8 +278,13 @@ def test_rope_from_per_token_angles_equals_megatron_per_sample_rope(tmp_path, me
 
     def logits(packed):
         with torch.no_grad():
-            return model(input_ids=ids, position_ids=positions, attention_mask=None, packed_seq_params=packed,
-                         runtime_gather_output=True)
+            return model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=None,
+                packed_seq_params=packed,
+                runtime_gather_output=True,
+            )
 
     megatron = logits(PackedSeqParams(**common))
     ours = logits(PackedRotaryParams(**common, rotary_angles=angles, bounds=cu.tolist()))

@@ -1,16 +1,18 @@
 """Multi-process checks, grouped into few torchrun launches (each costs ~10 s of imports)."""
+
 import json
 import math
 import re
 
 import pytest
 import torch
-
 from conftest import ROOT, make_image, torchrun
 from hf_models import make_tiny_hf
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
-                                reason="two processes need two GPUs once CUDA is present")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="two processes need two GPUs once CUDA is present",
+)
 
 
 def test_tensor_parallel_matches_single_process(tmp_path):
@@ -34,8 +36,15 @@ def test_main_job_reports_grids_and_skips_bad_images(tmp_path):
     make_image(tmp_path / "tall.jpg", size=(90, 300), seed=1)
     (tmp_path / "zero.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
-    result = torchrun(2, "-m", "viq_megatron.encode", "--config", "examples/encoder_tiny_cpu.yaml",
-                      f"data.images=[{tmp_path}]", "benchmark.timed_passes=1")
+    result = torchrun(
+        2,
+        "-m",
+        "viq_megatron.encode",
+        "--config",
+        "examples/encoder_tiny_cpu.yaml",
+        f"data.images=[{tmp_path}]",
+        "benchmark.timed_passes=1",
+    )
     out = result.stdout + result.stderr
     assert re.search(r"wide.png +320x96 +-> +320x96 +grid +6x20 ", out), out  # on the grid already
     assert "tall.jpg" in out
@@ -64,8 +73,22 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert result["save_failed"] and result["latest"] == "step_000002" and result["reloaded_step"] == 2
     # The stage chain ran through the same loop and its checkpoints fed each next stage.
     assert len(result["fsq_losses"]) == 2 and all(l > 0 for l in result["fsq_losses"])
-    assert 0 < result["codebook"]["codebook_usage"] <= 1 and result["codebook"]["codebook_perplexity"] >= 1
-    assert len(result["codebook"]["level_histograms"]) == 5  # 16k preset: levels 8,8,8,6,5
+    codebook = result["codebook"]
+    levels = [8, 8, 8, 6, 5]  # the 16k preset
+    assert [len(h) for h in codebook["level_histograms"]] == levels
+    assert all(abs(sum(h) - 1) < 1e-3 for h in codebook["level_histograms"])
+    seen, used = codebook["codes_seen"], codebook["codebook_usage"] * math.prod(levels)
+    assert seen > 0 and seen % 4 == 0  # 2x2 codes per patch
+    assert abs(used - round(used)) < 1e-6 and 1 <= round(used) <= min(seen, math.prod(levels))
+    # The perplexity exp(H) of the code histogram, against what the per-level histograms allow:
+    # H is at least the largest per-level entropy and at most their sum; exp(H) is at most the
+    # number of codes used, and equals it when every code seen was seen once. (The histograms
+    # are rounded to 4 decimals: entropies within 0.02.)
+    log_perplexity = math.log(codebook["codebook_perplexity"])
+    entropies = [-sum(p * math.log(p) for p in h if p > 0) for h in codebook["level_histograms"]]
+    assert max(entropies) - 0.02 <= log_perplexity <= min(sum(entropies) + 0.02, math.log(round(used)) + 1e-9)
+    if round(used) == seen:
+        assert abs(log_perplexity - math.log(seen)) < 1e-9
     assert len(result["decoder_losses"]) == 2 and all(math.isfinite(l) for l in result["decoder_losses"])
     assert result["tokenizer_names_match"] and result["tokenizer_differs"] == []  # the export holds the runs' weights
     assert result["frozen_visual_differs"] == []  # frozen through the decoder stage, bit for bit
@@ -75,9 +98,9 @@ def test_data_parallel_and_tensor_parallel(tmp_path):
     """DP=2 (1 micro-batch each) vs DP=1 (2 micro-batches): same global batch, same losses.
     TP=2 LLM logits, from pre-written shards and from shards cut at load, vs transformers."""
     import torch
+    from test_llm import hf_logits
 
     from viq_megatron.models.pretrained import import_hf_llm
-    from test_llm import hf_logits
 
     checkpoints = []
     for kind, shards in (("llama", 2), ("qwen2", 1)):
@@ -92,8 +115,7 @@ def test_data_parallel_and_tensor_parallel(tmp_path):
     single_file = tmp_path / "single.json"
     torchrun(1, str(ROOT / "tests/workers/train_checks.py"), "dp1", str(single_file), str(tmp_path))
     result_file = tmp_path / "parallel.json"
-    torchrun(2, str(ROOT / "tests/workers/train_checks.py"), "parallel", str(result_file), str(tmp_path),
-             *checkpoints)
+    torchrun(2, str(ROOT / "tests/workers/train_checks.py"), "parallel", str(result_file), str(tmp_path), *checkpoints)
     result = json.loads(result_file.read_text())
     dp1 = json.loads(single_file.read_text())["dp1"]
     assert len(result["dp2"]) == 3

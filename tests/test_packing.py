@@ -26,8 +26,10 @@ def test_greedy_pack_exact_fit_and_overflow():
 
 
 def test_packed_images_layout():
-    images = [NativeImage(torch.full((h * w, 3), float(i)), (h, w), f"im{i}", (w, h))
-              for i, (h, w) in enumerate([(2, 3), (1, 1), (4, 2)])]
+    images = [
+        NativeImage(torch.full((h * w, 3), float(i)), (h, w), f"im{i}", (w, h))
+        for i, (h, w) in enumerate([(2, 3), (1, 1), (4, 2)])
+    ]
     packed = PackedImages.from_images(images)
     assert packed.cu_seqlens.tolist() == [0, 6, 7, 15]
     assert packed.cu_seqlens.dtype == torch.int32

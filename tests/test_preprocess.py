@@ -1,4 +1,5 @@
 """tools/preprocess_images.py: exact read-back, bad inputs, data-parallel and resumed runs."""
+
 import json
 import subprocess
 import sys
@@ -7,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_image, tiny_train_config, torchrun
 from PIL import Image
 
 from viq_megatron.data.conversations import Sample, SampleError
 from viq_megatron.data.text import SentencePieceTokenizer, Turn, tokenize_conversation
 from viq_megatron.data.token_dataset import ANSWER, CODES, GRID, TEXT, TokenDataset
+from viq_megatron.preprocess import read_inputs
 from viq_megatron.runtime.errors import InputError
-from conftest import ROOT, make_image, tiny_train_config, torchrun
 
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
 
@@ -32,25 +34,57 @@ def tools(tmp_path_factory, megatron_world):
 
 
 def preprocess(tools, source, out, *extra):
-    return subprocess.run([sys.executable, str(ROOT / "tools/preprocess_images.py"), "--input", str(source),
-                           "--tokenizer", str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(out),
-                           "--shard-size", "2", *extra], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_images.py"),
+            "--input",
+            str(source),
+            "--tokenizer",
+            str(tools[0]),
+            "--text-tokenizer",
+            str(tools[1]),
+            "--out",
+            str(out),
+            "--shard-size",
+            "2",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def conversation_dataset(folder):
     for i, size in enumerate([(64, 48), (32, 32), (96, 64), (48, 80)]):
         make_image(folder / f"{i}.png", size=size, seed=i)
     samples = [
-        {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
-                                             {"from": "gpt", "value": "A red circle on grey."}]},
-        {"image": ["1.png", "2.png"], "conversations": [
-            {"from": "human", "value": "<image> and <image>: what colour is it?"}, {"from": "gpt", "value": "red"},
-            {"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": "Two squares."}]},
-        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>"},
-                                                   {"from": "gpt", "value": "x"}]},
+        {
+            "image": "0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": "A red circle on grey."},
+            ],
+        },
+        {
+            "image": ["1.png", "2.png"],
+            "conversations": [
+                {"from": "human", "value": "<image> and <image>: what colour is it?"},
+                {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "Describe the image."},
+                {"from": "gpt", "value": "Two squares."},
+            ],
+        },
+        {
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+        },
         {"conversations": [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "red"}]},
-        {"image": [{"img_path": "3.png"}], "conversations": [{"from": "human", "value": "<image>"},
-                                                             {"from": "gpt", "value": "Two squares."}]},
+        {
+            "image": [{"img_path": "3.png"}],
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Two squares."}],
+        },
     ]
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
@@ -63,8 +97,10 @@ def offline(tools, tmp_path_factory):
     (features/train): (its folder, data file, raw samples, {"codes": run, "features": run})."""
     folder = tmp_path_factory.mktemp("offline")
     data, raw = conversation_dataset(folder)
-    runs = {kind: preprocess(tools, data, folder / kind / "train", *extra)
-            for kind, extra in (("codes", ()), ("features", ("--features",)))}
+    runs = {
+        kind: preprocess(tools, data, folder / kind / "train", *extra)
+        for kind, extra in (("codes", ()), ("features", ("--features",)))
+    }
     return folder, data, raw, runs
 
 
@@ -78,7 +114,9 @@ def test_token_files_read_back_exactly(tools, offline):
     assert len(dataset) == len(kept)
     for sample, entry in zip((dataset[i] for i in range(len(dataset))), kept):
         images = entry.get("image", [])
-        images = [i["img_path"] if isinstance(i, dict) else i for i in (images if isinstance(images, list) else [images])]
+        images = [
+            i["img_path"] if isinstance(i, dict) else i for i in (images if isinstance(images, list) else [images])
+        ]
         roles = {"human": "user", "gpt": "assistant"}
         turns = [Turn(roles[t["from"]], t["value"]) for t in entry["conversations"]]
         expected_text, expected_flags = [], []
@@ -142,8 +180,9 @@ def test_bad_inputs_are_reported_and_a_rerun_after_a_kill_gives_the_same_files(t
     assert preprocess(tools, tmp_path / "in", out).returncode == 3
     for suffix, content in original.items():
         assert (out.parent / f"all{suffix}").read_bytes() == content
-    assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "out/all.shards").glob("*.json"))[:-1]} \
-        == finished  # finished shards were not redone
+    assert {
+        p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "out/all.shards").glob("*.json"))[:-1]
+    } == finished  # finished shards were not redone
 
 
 def test_data_parallel_preprocessing_equals_one_process(tools, tmp_path):
@@ -151,8 +190,20 @@ def test_data_parallel_preprocessing_equals_one_process(tools, tmp_path):
     for i in range(7):
         make_image(tmp_path / "in" / f"{i}.png", size=(32 + 16 * (i % 3), 48), seed=i)
     assert preprocess(tools, tmp_path / "in", tmp_path / "one/x").returncode == 0
-    torchrun(2, str(ROOT / "tools/preprocess_images.py"), "--input", str(tmp_path / "in"), "--tokenizer",
-             str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(tmp_path / "two/x"), "--shard-size", "2")
+    torchrun(
+        2,
+        str(ROOT / "tools/preprocess_images.py"),
+        "--input",
+        str(tmp_path / "in"),
+        "--tokenizer",
+        str(tools[0]),
+        "--text-tokenizer",
+        str(tools[1]),
+        "--out",
+        str(tmp_path / "two/x"),
+        "--shard-size",
+        "2",
+    )
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"one/x{suffix}").read_bytes() == (tmp_path / f"two/x{suffix}").read_bytes()
 
@@ -168,8 +219,9 @@ def test_discrete_first_step_loss_equals_online_quantized_model(tools, offline, 
     cfg = tiny_train_config(tmp_path, HEAD)
     tok, text_tok = tools[2], SentencePieceTokenizer(tools[1])
     samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
-    online_data = PackedConversationDataset(samples, text_tok, tok.cfg.data.image, 16, seq_length=200,
-                                            teacher_side=32, seed=5)
+    online_data = PackedConversationDataset(
+        samples, text_tok, tok.cfg.data.image, 16, seq_length=200, teacher_side=32, seed=5
+    )
     offline_data = PackedTokenDataset(str(folder / "codes/train"), seq_length=200, seed=5)
     assert offline_data.lengths == online_data.lengths
     torch.manual_seed(0)
@@ -189,16 +241,24 @@ def test_pipeline_parallel_training_equals_one_process(tools, offline, tmp_path)
     offline codes (visual input on the first stage), and stage 1, whose distillation loss is
     computed on the first stage and its caption loss on the last."""
     codes = offline[0] / "codes/train"
-    discrete = ["train.stage=discrete", f"model.viq_tokenizer={tools[0]}", f"data.train={codes}", f"data.val={codes}",
-                "data.seq_length=160"]
+    discrete = [
+        "train.stage=discrete",
+        f"model.viq_tokenizer={tools[0]}",
+        f"data.train={codes}",
+        f"data.val={codes}",
+        "data.seq_length=160",
+    ]
     worker = str(ROOT / "tests/workers/pipeline_checks.py")
     torchrun(1, worker, "reference", str(tmp_path / "reference.json"), str(tmp_path), *discrete)
     torchrun(4, worker, "pipelined", str(tmp_path / "pipelined.json"), str(tmp_path), *discrete, timeout=600)
     reference = json.loads((tmp_path / "reference.json").read_text())
     pipelined = json.loads((tmp_path / "pipelined.json").read_text())
     assert len(reference["discrete"]) == 3 and reference["discrete"][0] != reference["discrete"][-1]
-    for name, expected in [("stage1", reference["stage1"]), ("discrete", reference["discrete"]),
-                           ("discrete_interleaved", reference["discrete"])]:
+    for name, expected in [
+        ("stage1", reference["stage1"]),
+        ("discrete", reference["discrete"]),
+        ("discrete_interleaved", reference["discrete"]),
+    ]:
         assert pipelined[name] == pytest.approx(expected, rel=1e-4), name
 
 
@@ -206,8 +266,10 @@ def token_samples(seed: int, count: int):
     from viq_megatron.data.token_dataset import TokenSample
 
     rng = np.random.default_rng(seed)
-    return [TokenSample([(TEXT, rng.integers(0, 100, 5)), (GRID, np.array([1, 2])), (CODES, rng.integers(0, 64, 8))])
-            for _ in range(count)]
+    return [
+        TokenSample([(TEXT, rng.integers(0, 100, 5)), (GRID, np.array([1, 2])), (CODES, rng.integers(0, 64, 8))])
+        for _ in range(count)
+    ]
 
 
 def write_tokens(prefix, samples) -> None:
@@ -292,15 +354,6 @@ def test_a_rerun_from_other_inputs_stops_instead_of_mixing_shards(tools, tmp_pat
     assert bad.returncode == 2 and "--shard-size" in bad.stderr
 
 
-def read_inputs(*args):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preprocess_images", ROOT / "tools/preprocess_images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.read_inputs(*args)
-
-
 def test_an_unreadable_input_file_is_one_line_naming_it(tmp_path):
     nested = tmp_path / "nested.json"
     nested.write_text("[" * 100_000 + "]" * 100_000)
@@ -308,8 +361,12 @@ def test_an_unreadable_input_file_is_one_line_naming_it(tmp_path):
     latin1.write_bytes('{"conversations": [{"from": "gpt", "value": "caf\xe9"}]}\n'.encode("latin-1"))
     cut = tmp_path / "cut.json"
     cut.write_text('[{"image": "a.png", "conversations": [')
-    for path, says in ((nested, "JSON nested too deeply to read"), (latin1, "not UTF-8 text (byte 0xe9"),
-                       (cut, "invalid JSON"), (tmp_path / "missing.json", "cannot read data")):
+    for path, says in (
+        (nested, "JSON nested too deeply to read"),
+        (latin1, "not UTF-8 text (byte 0xe9"),
+        (cut, "invalid JSON"),
+        (tmp_path / "missing.json", "cannot read data"),
+    ):
         with pytest.raises(InputError) as e:
             read_inputs(path, None, False)
         assert str(e.value).startswith(f"{path}: {says}") and "\n" not in str(e.value), e.value
@@ -342,20 +399,41 @@ def test_an_unwritable_output_or_a_full_disk_is_one_line_and_a_rerun_resumes(too
     data, _ = conversation_dataset(tmp_path)
     (tmp_path / "file").write_text("")
     blocked = preprocess(tools, data, tmp_path / "file/train")
-    assert blocked.returncode == 2 and blocked.stderr == f"error: {tmp_path / 'file/train'}: cannot write there " \
-        f"({tmp_path / 'file'}: not a folder)\n", blocked.stderr
+    assert (
+        blocked.returncode == 2
+        and blocked.stderr
+        == f"error: {tmp_path / 'file/train'}: cannot write there ({tmp_path / 'file'}: not a folder)\n"
+    ), blocked.stderr
 
     def small_disk():  # writes past 600 bytes fail as on a full disk (EFBIG rather than ENOSPC)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (600, resource.RLIM_INFINITY))
 
     out = tmp_path / "out/train"
-    full = subprocess.run([sys.executable, str(ROOT / "tools/preprocess_images.py"), "--input", str(data),
-                           "--tokenizer", str(tools[0]), "--text-tokenizer", str(tools[1]), "--out", str(out),
-                           "--shard-size", "2"], capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    full = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_images.py"),
+            "--input",
+            str(data),
+            "--tokenizer",
+            str(tools[0]),
+            "--text-tokenizer",
+            str(tools[1]),
+            "--out",
+            str(out),
+            "--shard-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
     last = full.stderr.replace("\r", "\n").strip().splitlines()[-1]
-    assert full.returncode == 1 and last.startswith(f"error: {out}.shards/shard_") and "File too large" in last, \
+    assert full.returncode == 1 and last.startswith(f"error: {out}.shards/shard_") and "File too large" in last, (
         full.stderr[-2000:]
+    )
     assert preprocess(tools, data, out).returncode == 3  # the same job, with room
     assert preprocess(tools, data, tmp_path / "clean/train").returncode == 3
     for suffix in (".bin", ".idx"):
@@ -377,8 +455,9 @@ def test_cached_features_are_the_encoders_tokens_and_give_its_loss(tools, offlin
     width = tok.cfg.model.encoder.hidden_size
     assert f"{2 * width:,} bytes per patch" in result.stdout
     samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
-    online_data = PackedConversationDataset(samples, text_tok, tok.cfg.data.image, 16, seq_length=200,
-                                            teacher_side=None, seed=5)
+    online_data = PackedConversationDataset(
+        samples, text_tok, tok.cfg.data.image, 16, seq_length=200, teacher_side=None, seed=5
+    )
     cached_data = PackedTokenDataset(str(folder / "features/train"), seq_length=200, seed=5, feature_width=width)
     assert cached_data.lengths == online_data.lengths
     torch.manual_seed(0)
@@ -412,7 +491,6 @@ def test_a_cached_run_reads_images_online_through_the_tokenizers_encoder(tools, 
     with the encoder's output rounded to bf16 it embeds exactly what the run trained on."""
     from viq_megatron.data.conversations import read_conversations
     from viq_megatron.data.multimodal import PackedConversationDataset, PackedTokenDataset
-    from viq_megatron.evaluate import _online_tokenizer
     from viq_megatron.models.multimodal import CachedFeatureVisualInput, EncoderVisualInput
     from viq_megatron.training.stages import STAGES
 
@@ -425,14 +503,16 @@ def test_a_cached_run_reads_images_online_through_the_tokenizers_encoder(tools, 
     with torch.no_grad():  # as if trained: the run's projector is no longer the tokenizer's
         for p in cached.projector.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    _online_tokenizer(cfg, model)
+    model, _, _ = STAGES["cached"].inference_model(cfg, online=True)
     assert isinstance(model.visual, EncoderVisualInput)
     model.visual.projector.load_state_dict(cached.projector.state_dict())  # what the run's checkpoint holds
     samples = [s for s in read_conversations(data) if not isinstance(s, ValueError)]
-    online_data = PackedConversationDataset(samples, SentencePieceTokenizer(tools[1]), tok.cfg.data.image, 16,
-                                            seq_length=200, teacher_side=None, seed=5)
-    cached_data = PackedTokenDataset(str(folder / "features/train"), seq_length=200, seed=5,
-                                     feature_width=tok.cfg.model.encoder.hidden_size)
+    online_data = PackedConversationDataset(
+        samples, SentencePieceTokenizer(tools[1]), tok.cfg.data.image, 16, seq_length=200, teacher_side=None, seed=5
+    )
+    cached_data = PackedTokenDataset(
+        str(folder / "features/train"), seq_length=200, seed=5, feature_width=tok.cfg.model.encoder.hidden_size
+    )
     rounding = model.visual.encoder.register_forward_hook(lambda module, args, out: out.bfloat16().float())
     with torch.no_grad():
         for row in range(online_data.rows_per_epoch()):

@@ -2,14 +2,14 @@
 expansion, where the visual embeddings land, positions and the answer-only loss, packing and
 shuffling, gradients and freezing), then models trained on answers that only the image holds,
 against blind controls, and tools/bench_quality.py's numbers recomputed from its answer files."""
+
 import json
 from collections import Counter, defaultdict
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, torchrun
+from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 70, 220), "yellow": (250, 220, 30)}
 
@@ -19,8 +19,9 @@ def text_tokenizer(tmp_path_factory):
     from viq_megatron.data.text import SentencePieceTokenizer
 
     folder = tmp_path_factory.mktemp("sp")
-    return SentencePieceTokenizer.train(["What colour is it?", "Describe.", "A scene.", *COLOURS] * 4, 300,
-                                        folder / "sp")
+    return SentencePieceTokenizer.train(
+        ["What colour is it?", "Describe.", "A scene.", *COLOURS] * 4, 300, folder / "sp"
+    )
 
 
 def colour_sample(folder, name: str, colour: str, size=(48, 32)):
@@ -46,8 +47,8 @@ def test_placeholder_becomes_one_slot_per_patch_where_it_stood(tmp_path, text_to
     before = pieces[0][1]  # the template and "Describe.\n" before the placeholder
     assert [p[0] for p in pieces] == ["text", "image", "text"]
     assert encoded.visual_slots == list(range(len(before), len(before) + 6))
-    assert encoded.token_ids[:len(before)] == before and encoded.token_ids[len(before) + 6:] == pieces[2][1]
-    assert not any(encoded.loss_flags[:len(before) + 6])
+    assert encoded.token_ids[: len(before)] == before and encoded.token_ids[len(before) + 6 :] == pieces[2][1]
+    assert not any(encoded.loss_flags[: len(before) + 6])
     answer = [t for t, flag in zip(encoded.token_ids, encoded.loss_flags) if flag]
     assert answer[-1] == text_tokenizer.eos_id and text_tokenizer.decode(answer[:-1]).strip() == "red"
 
@@ -56,8 +57,10 @@ def test_packing_keeps_positions_labels_and_the_loss_inside_each_sample(tmp_path
     from viq_megatron.config import ImageConfig
     from viq_megatron.data.multimodal import encode_sample, pack_samples
 
-    encoded = [encode_sample(colour_sample(tmp_path, str(k), c, size), text_tokenizer, ImageConfig(**RULES), 16, None)
-               for k, (c, size) in enumerate([("red", (48, 32)), ("blue", (64, 64)), ("green", (32, 16))])]
+    encoded = [
+        encode_sample(colour_sample(tmp_path, str(k), c, size), text_tokenizer, ImageConfig(**RULES), 16, None)
+        for k, (c, size) in enumerate([("red", (48, 32)), ("blue", (64, 64)), ("green", (32, 16))])
+    ]
     batch = pack_samples(encoded)
     starts = [0]
     for sample in encoded:
@@ -65,11 +68,11 @@ def test_packing_keeps_positions_labels_and_the_loss_inside_each_sample(tmp_path
     assert batch.cu_seqlens.tolist() == starts
     for sample, start in zip(encoded, starts):
         n = len(sample)
-        assert batch.position_ids[start:start + n].tolist() == list(range(n))
-        assert batch.labels[start:start + n - 1].tolist() == sample.token_ids[1:]  # the next token ...
+        assert batch.position_ids[start : start + n].tolist() == list(range(n))
+        assert batch.labels[start : start + n - 1].tolist() == sample.token_ids[1:]  # the next token ...
         assert batch.loss_mask[start + n - 1] == 0  # ... never the next sample's first
         # The loss at position i is on token i + 1: exactly the answer's tokens (and its EOS).
-        assert batch.loss_mask[start:start + n - 1].tolist() == [float(f) for f in sample.loss_flags[1:]]
+        assert batch.loss_mask[start : start + n - 1].tolist() == [float(f) for f in sample.loss_flags[1:]]
     assert batch.visual_positions.tolist() == [s + p for sample, s in zip(encoded, starts) for p in sample.visual_slots]
     assert batch.images.cu_seqlens.tolist() == [0, 6, 22, 24]  # images in sample order, one slot per patch
 
@@ -81,8 +84,9 @@ def test_shuffled_packed_rows_pair_each_question_with_its_own_image(tmp_path, te
     from viq_megatron.data.multimodal import PackedConversationDataset
 
     colours = sorted(COLOURS)
-    samples = [colour_sample(tmp_path, f"s{k}", colours[k % 4], size=(16 * (1 + k % 3), 16 * (1 + k % 2)))
-               for k in range(30)]
+    samples = [
+        colour_sample(tmp_path, f"s{k}", colours[k % 4], size=(16 * (1 + k % 3), 16 * (1 + k % 2))) for k in range(30)
+    ]
     rules = ImageConfig(**RULES, mean=[0.0] * 3, std=[1.0] * 3)
     data = PackedConversationDataset(samples, text_tokenizer, rules, 16, seq_length=160, teacher_side=None, seed=3)
     seen = 0
@@ -101,21 +105,25 @@ def test_shuffled_packed_rows_pair_each_question_with_its_own_image(tmp_path, te
 
 @pytest.fixture(scope="module")
 def tiny_model(megatron_world):
+    from conftest import tiny_config
+
     from viq_megatron.config import LLMArch
     from viq_megatron.models.llm import build_llm
     from viq_megatron.models.multimodal import EncoderVisualInput, Projector, VisionLanguageModel
     from viq_megatron.models.vit import NativeResolutionViT, encoder_transformer_config
-    from conftest import tiny_config
 
     torch.manual_seed(0)
     cfg = tiny_config()
-    encoder = NativeResolutionViT(cfg.model.encoder, encoder_transformer_config(cfg.model.encoder, 1, torch.float32,
-                                                                                "local"), "local")
-    arch = LLMArch(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-                   vocab_size=512)
+    encoder = NativeResolutionViT(
+        cfg.model.encoder, encoder_transformer_config(cfg.model.encoder, 1, torch.float32, "local"), "local"
+    )
+    arch = LLMArch(
+        hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, vocab_size=512
+    )
     llm = build_llm(arch, 1, torch.float32, "local")
-    return VisionLanguageModel(EncoderVisualInput(encoder, Projector(cfg.model.encoder.hidden_size, 64,
-                                                                     torch.float32)), llm)
+    return VisionLanguageModel(
+        EncoderVisualInput(encoder, Projector(cfg.model.encoder.hidden_size, 64, torch.float32)), llm
+    )
 
 
 def test_visual_embeddings_fill_exactly_the_slots(tmp_path, text_tokenizer, tiny_model):
@@ -124,8 +132,10 @@ def test_visual_embeddings_fill_exactly_the_slots(tmp_path, text_tokenizer, tiny
     from viq_megatron.config import ImageConfig
     from viq_megatron.data.multimodal import encode_sample, pack_samples
 
-    encoded = [encode_sample(colour_sample(tmp_path, str(k), c, size), text_tokenizer, ImageConfig(**RULES), 16, None)
-               for k, (c, size) in enumerate([("red", (48, 32)), ("blue", (32, 64))])]
+    encoded = [
+        encode_sample(colour_sample(tmp_path, str(k), c, size), text_tokenizer, ImageConfig(**RULES), 16, None)
+        for k, (c, size) in enumerate([("red", (48, 32)), ("blue", (32, 64))])
+    ]
     batch = pack_samples(encoded)
     seen = {}
 
@@ -151,8 +161,9 @@ def test_gradient_reaches_projector_and_encoder_not_frozen_parts(tmp_path, text_
     from viq_megatron.config import ImageConfig
     from viq_megatron.data.multimodal import encode_sample, pack_samples
 
-    batch = pack_samples([encode_sample(colour_sample(tmp_path, "g", "green"), text_tokenizer, ImageConfig(**RULES),
-                                        16, None)])
+    batch = pack_samples(
+        [encode_sample(colour_sample(tmp_path, "g", "green"), text_tokenizer, ImageConfig(**RULES), 16, None)]
+    )
     tiny_model.llm.requires_grad_(False)
     tiny_model.zero_grad()
     try:
@@ -205,20 +216,24 @@ def test_bench_numbers_are_recomputed_from_its_answer_files(trained):
         for split in ("real", "blank", "shuffled"):
             answers = [json.loads(line) for line in (bench / f"answers_{row}_{split}.jsonl").read_text().splitlines()]
             assert [a["kind"] for a in answers] == kinds
-            right = [normalize(a["answer"]) == normalize(r["conversations"][1]["value"])
-                     for a, r in zip(answers, references)]
+            right = [
+                normalize(a["answer"]) == normalize(r["conversations"][1]["value"]) for a, r in zip(answers, references)
+            ]
             assert report["rows"][row][split]["all"] == pytest.approx(sum(right) / len(right))
             by_kind = defaultdict(list)
             for kind, ok in zip(kinds, right):
                 by_kind[kind].append(ok)
             assert report["rows"][row][split]["by_kind"] == pytest.approx(
-                {k: sum(v) / len(v) for k, v in by_kind.items()})
+                {k: sum(v) / len(v) for k, v in by_kind.items()}
+            )
         assert [step for step, _ in report["rows"][row]["curve"]] == [2, 4]
     assert report["rows"]["discrete"]["online_equals_offline"] is True
     train_answers = json.loads((bench / "data/train_answers.json").read_text())
     chance = sum(1 / len(set(train_answers[k])) for k in kinds) / len(kinds)
-    prior = sum(Counter(train_answers[k]).most_common(1)[0][0] == r["conversations"][1]["value"]
-                for k, r in zip(kinds, references)) / len(kinds)
+    prior = sum(
+        Counter(train_answers[k]).most_common(1)[0][0] == r["conversations"][1]["value"]
+        for k, r in zip(kinds, references)
+    ) / len(kinds)
     assert report["rows"]["chance"]["all"] == pytest.approx(chance)
     assert report["rows"]["prior"]["all"] == pytest.approx(prior)
     assert (bench / "bench_quality.md").read_text().count("\n") == 2 + 2 + 2 * 3

@@ -9,16 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from viq_megatron.data.scenes import (BACKGROUND_COLOURS, COLOURS, OBJECT_COLOURS, SHAPES, Scene, render_scene,
-                                      scene_split)
+from viq_megatron.data.scenes import (
+    BACKGROUND_COLOURS,
+    COLOURS,
+    OBJECT_COLOURS,
+    SHAPES,
+    Scene,
+    render_scene,
+    scene_split,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = [render_scene(i) for i in range(200)]
 NUMBER_WORDS = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 # Share of a shape's tight box that its pixels cover: circle pi/4, triangle 1/2, five-point star with
 # inner radius 0.45 of the outer about 0.38; bounds leave room for pixel rounding on small shapes.
-FILL_RANGE = {"square": (1.0, 1.0), "rectangle": (1.0, 1.0), "circle": (0.72, 0.82),
-              "triangle": (0.48, 0.58), "star": (0.33, 0.47)}
+FILL_RANGE = {
+    "square": (1.0, 1.0),
+    "rectangle": (1.0, 1.0),
+    "circle": (0.72, 0.82),
+    "triangle": (0.48, 0.58),
+    "star": (0.33, 0.47),
+}
 
 
 def centre(bbox):
@@ -77,8 +89,9 @@ def expected_answer(scene: Scene, question: str) -> str:
         kinds = {o.shape for o in of_colour}
         assert len(kinds) == 1 and (m[1] == "is") == (len(of_colour) == 1), question
         return kinds.pop()
-    if m := re.fullmatch(r"(Is|Are) the (\w+) objects? (left or right of|above or below) the (\w+) objects?\?",
-                         question):
+    if m := re.fullmatch(
+        r"(Is|Are) the (\w+) objects? (left or right of|above or below) the (\w+) objects?\?", question
+    ):
         subjects, references = ([o for o in scene.objects if o.colour == c] for c in (m[2], m[4]))
         assert subjects and references and (m[1] == "Is") == (len(subjects) == 1), question
         sides = side_of(subjects, references)
@@ -100,16 +113,26 @@ def test_same_index_and_seed_render_identically():
 
 def test_render_is_the_same_in_a_fresh_process_and_does_not_import_matplotlib():
     indices = [0, 5, 42, 10**12 + 3]
-    script = ("import hashlib, sys\n"
-              "from viq_megatron.data.scenes import render_scene\n"
-              f"for i in {indices}:\n"
-              "    s = render_scene(i, seed=7)\n"
-              "    print(hashlib.sha256(s.image.tobytes()).hexdigest(), repr(s.caption), repr(s.qa))\n"
-              "print('matplotlib' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}).stdout.splitlines()
-    here = [f"{hashlib.sha256(s.image.tobytes()).hexdigest()} {s.caption!r} {s.qa!r}"
-            for s in (render_scene(i, seed=7) for i in indices)]
+    script = (
+        "import hashlib, sys\n"
+        "from viq_megatron.data.scenes import render_scene\n"
+        f"for i in {indices}:\n"
+        "    s = render_scene(i, seed=7)\n"
+        "    print(hashlib.sha256(s.image.tobytes()).hexdigest(), repr(s.caption), repr(s.qa))\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+    ).stdout.splitlines()
+    here = [
+        f"{hashlib.sha256(s.image.tobytes()).hexdigest()} {s.caption!r} {s.qa!r}"
+        for s in (render_scene(i, seed=7) for i in indices)
+    ]
     assert out == [*here, "False"]
 
 
@@ -132,7 +155,7 @@ def test_objects_are_drawn_where_and_as_stated(scene: Scene):
     boxes = [o.bbox for o in scene.objects] + ([scene.text.bbox] if scene.text else [])
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-        for a0, b0, a1, b1 in boxes[i + 1:]:
+        for a0, b0, a1, b1 in boxes[i + 1 :]:
             assert x1 <= a0 or a1 <= x0 or y1 <= b0 or b1 <= y0, "overlapping boxes"
 
     for obj in scene.objects:
@@ -186,8 +209,11 @@ def test_caption_states_counts_text_background_and_a_true_relation(scene: Scene)
 
     assert len(rest) <= 1
     if rest:
-        r = re.fullmatch(r"The (\w+) (\w+?)s? (?:is|are) (to the left of|to the right of|above|below) "
-                         r"the (\w+) (\w+?)s?\.", rest[0])
+        r = re.fullmatch(
+            r"The (\w+) (\w+?)s? (?:is|are) (to the left of|to the right of|above|below) "
+            r"the (\w+) (\w+?)s?\.",
+            rest[0],
+        )
         assert r, rest[0]
         stated = {"to the left of": "left", "to the right of": "right"}.get(r[3], r[3])
         assert stated in side_of(group(scene, r[1], r[2]), group(scene, r[4], r[5])), scene.caption
@@ -200,9 +226,19 @@ def test_answers_follow_from_the_scene():
         for question, answer in scene.qa:
             assert answer == expected_answer(scene, question), (scene.caption, question)
             questions.append(question)
-    for kind in ["How many shapes", r"How many \w+ objects", "What colour (is|are) the (circle|square|rectangle|"
-                 "triangle|star)", "What colour is the (word|number)", "What shape", "background colour",
-                 "any text", "What word", "What number", "left or right of", "above or below"]:
+    for kind in [
+        "How many shapes",
+        r"How many \w+ objects",
+        "What colour (is|are) the (circle|square|rectangle|triangle|star)",
+        "What colour is the (word|number)",
+        "What shape",
+        "background colour",
+        "any text",
+        "What word",
+        "What number",
+        "left or right of",
+        "above or below",
+    ]:
         assert any(re.search(kind, q) for q in questions), f"never asked: {kind}"
     assert "0" in [a for s in SCENES for _, a in s.qa], "never asked about an absent colour"
 

@@ -1,4 +1,5 @@
 """The ViQ head and ViQTokenizer: position awareness, offline == online, invariance, files."""
+
 import json
 import os
 import subprocess
@@ -7,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ROOT, make_image, tiny_train_config
 
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
-from conftest import ROOT, make_image, tiny_train_config
 
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 2, subtoken_ffn_size: 64, post_blocks: 1}"
 DECODER = "model.decoder={hidden_size: 32, num_layers: 1, num_attention_heads: 2, ffn_hidden_size: 64}"
@@ -215,8 +216,9 @@ def test_standalone_layers_compute_what_the_training_layers_compute(tok, paths, 
     from viq_megatron.models.sharding import load_full_state_dict
 
     online = quantized_input(tok.cfg, tok.llm_hidden_size).eval()
-    load_full_state_dict(online, {k[len("visual."):]: v for k, v in tok.state_dict().items()
-                                  if k.startswith("visual.")})
+    load_full_state_dict(
+        online, {k[len("visual.") :]: v for k, v in tok.state_dict().items() if k.startswith("visual.")}
+    )
     batch = Batch(pack(tok, paths))
     with torch.no_grad():
         ours, theirs = tok.visual(batch), online(batch)

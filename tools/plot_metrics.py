@@ -1,61 +1,8 @@
-"""Curves over training steps from runs' metrics.jsonl: one panel per metric, one line per run.
+"""Curves over training steps from runs' metrics.jsonl: viq_megatron/cli/plot_metrics.py (viq-plot-metrics)."""
 
-    python tools/plot_metrics.py runs/quickstart/stage2_0/metrics.jsonl runs/quickstart/decoder/metrics.jsonl \\
-        --metrics val:psnr val:ssim codebook:codebook_usage codebook:codebook_perplexity --out curves.png
-
-A metric is SPLIT:KEY (the split a line was logged under: train, val, codebook). Runs whose
-log lacks a metric are left out of its panel. The values are printed as a table too.
-"""
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-
-def read_curve(path: Path, split: str, key: str) -> list[tuple[int, float]]:
-    try:
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path}: {e}")
-    return [(line["step"], line[key]) for line in lines if line.get("split") == split and key in line]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("logs", nargs="+", type=Path, help="metrics.jsonl files")
-    parser.add_argument("--metrics", nargs="+", required=True, help="SPLIT:KEY, e.g. val:psnr")
-    parser.add_argument("--out", required=True, type=Path, help="PNG")
-    args = parser.parse_args(argv)
-    metrics = [m.split(":", 1) for m in args.metrics]
-    if any(len(m) != 2 for m in metrics):
-        parser.exit(2, "error: --metrics takes SPLIT:KEY\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
-    for ax, (split, key) in zip(axes[0], metrics):
-        for log in args.logs:
-            curve = read_curve(log, split, key)
-            if not curve:
-                continue
-            name = log.parent.name
-            ax.plot(*zip(*curve), marker="o", markersize=3, label=name)
-            print(f"{name} {split}:{key} " + " ".join(f"{step}:{value:.4g}" for step, value in curve))
-        ax.set_title(f"{key} ({split})")
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=8)
-    figure.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
-    return 0
-
+from viq_megatron.cli.plot_metrics import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,10 @@
 """ViQ: text-aligned visual quantized representations at any resolution, on Megatron-Core."""
-# Must run before anything imports megatron.core: it hides unusable GPU extras.
-from viq_megatron.runtime.extras import GPU_EXTRAS  # noqa: F401
+
+from viq_megatron.runtime.extras import prepare_gpu_extras
+
+# The one thing done at import, on purpose: every `viq_megatron.*` import passes here before
+# any of its modules imports megatron.core, which must not pick up an unusable TE or apex.
+GPU_EXTRAS = prepare_gpu_extras()
 
 
 def __getattr__(name: str):

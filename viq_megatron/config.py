@@ -5,6 +5,7 @@
 An unknown key, a wrong type or a bad value is a `ConfigError` whose one line names
 the file (or "command line") and the dotted key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -26,7 +27,7 @@ class ConfigError(InputError):
     """A one-line configuration error naming its source and key."""
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
@@ -48,11 +49,20 @@ class EncoderConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "ffn_hidden_size", "position_embedding_size"):
-            _require(getattr(self, name) > 0, name, "must be positive")
-        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                 f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        for name in (
+            "patch_size",
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "position_embedding_size",
+        ):
+            require(getattr(self, name) > 0, name, "must be positive")
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size",
+            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+        )
 
 
 @dataclass
@@ -73,13 +83,26 @@ class LLMArch:
     model_type: Literal["llama", "qwen2"] = "llama"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                     "vocab_size", "max_sequence_length"):
-            _require(getattr(self, name) > 0, name, "must be positive")
-        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                 f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
-        _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
-                 f"{self.num_query_groups} does not divide num_attention_heads={self.num_attention_heads}")
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_sequence_length",
+        ):
+            require(getattr(self, name) > 0, name, "must be positive")
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size",
+            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            "num_query_groups",
+            f"{self.num_query_groups} does not divide num_attention_heads={self.num_attention_heads}",
+        )
 
 
 @dataclass
@@ -107,18 +130,27 @@ class LLMConfig:
     # A directory written by tools/convert_hf_checkpoint.py; its weights, architecture
     # and tokenizer are used. Empty: a randomly initialised LLM of `arch` (tests).
     checkpoint: str = ""
-    arch: Optional[LLMArch] = None
+    arch: LLMArch | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.checkpoint) != (self.arch is not None), "checkpoint",
-                 "set exactly one of model.llm.checkpoint (pretrained) and model.llm.arch (random init)")
-        _require(self.tokenizer.kind == "sentencepiece" or bool(self.checkpoint), "tokenizer.kind",
-                 "'checkpoint' needs model.llm.checkpoint; use 'sentencepiece' for a randomly initialised LLM")
-        _require(self.arch is None or self.tokenizer.sentencepiece_vocab_size <= self.arch.vocab_size,
-                 "tokenizer.sentencepiece_vocab_size", f"{self.tokenizer.sentencepiece_vocab_size} pieces do not fit "
-                 f"model.llm.arch.vocab_size={self.arch.vocab_size if self.arch else 0}")
+        require(
+            bool(self.checkpoint) != (self.arch is not None),
+            "checkpoint",
+            "set exactly one of model.llm.checkpoint (pretrained) and model.llm.arch (random init)",
+        )
+        require(
+            self.tokenizer.kind == "sentencepiece" or bool(self.checkpoint),
+            "tokenizer.kind",
+            "'checkpoint' needs model.llm.checkpoint; use 'sentencepiece' for a randomly initialised LLM",
+        )
+        require(
+            self.arch is None or self.tokenizer.sentencepiece_vocab_size <= self.arch.vocab_size,
+            "tokenizer.sentencepiece_vocab_size",
+            f"{self.tokenizer.sentencepiece_vocab_size} pieces do not fit "
+            f"model.llm.arch.vocab_size={self.arch.vocab_size if self.arch else 0}",
+        )
 
 
 @dataclass
@@ -137,9 +169,12 @@ class HeadConfig:
     progressive_steps: int = 0  # progressive: steps over which linf blends into fsq
 
     def __post_init__(self) -> None:
-        _require(self.subtoken_size % 4 == 0, "subtoken_size", "must be divisible by 4 (2D RoPE)")
-        _require(self.quantizer != "progressive" or self.progressive_steps > 0, "progressive_steps",
-                 "must be > 0 for the progressive quantizer")
+        require(self.subtoken_size % 4 == 0, "subtoken_size", "must be divisible by 4 (2D RoPE)")
+        require(
+            self.quantizer != "progressive" or self.progressive_steps > 0,
+            "progressive_steps",
+            "must be > 0 for the progressive quantizer",
+        )
 
 
 @dataclass
@@ -159,9 +194,9 @@ class DecoderConfig:
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    head: Optional[HeadConfig] = None
-    decoder: Optional[DecoderConfig] = None
-    llm: Optional[LLMConfig] = None
+    head: HeadConfig | None = None
+    decoder: DecoderConfig | None = None
+    llm: LLMConfig | None = None
     # Discrete training: a ViQTokenizer directory whose head + projector embed the offline codes.
     viq_tokenizer: str = ""
     # load: the projector comes with the visual weights (train.init_from, or the ViQ tokenizer's for
@@ -197,14 +232,14 @@ class ImageConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def __post_init__(self) -> None:
-        _require(self.min_pixels > 0, "min_pixels", "must be positive")
-        _require(self.max_pixels >= self.min_pixels, "max_pixels",
-                 f"{self.max_pixels} is below min_pixels={self.min_pixels}")
-        _require(self.max_source_pixels >= self.max_pixels, "max_source_pixels",
-                 "must be at least max_pixels")
-        _require(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be >= 1")
-        _require(len(self.mean) == 3 and len(self.std) == 3, "mean", "mean and std need 3 values (RGB)")
-        _require(all(s > 0 for s in self.std), "std", "must be positive")
+        require(self.min_pixels > 0, "min_pixels", "must be positive")
+        require(
+            self.max_pixels >= self.min_pixels, "max_pixels", f"{self.max_pixels} is below min_pixels={self.min_pixels}"
+        )
+        require(self.max_source_pixels >= self.max_pixels, "max_source_pixels", "must be at least max_pixels")
+        require(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be >= 1")
+        require(len(self.mean) == 3 and len(self.std) == 3, "mean", "mean and std need 3 values (RGB)")
+        require(all(s > 0 for s in self.std), "std", "must be positive")
 
 
 @dataclass
@@ -217,8 +252,8 @@ class EmbeddedDataConfig:
     photo_repeats: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.train_scenes >= 0 and self.val_scenes >= 0, "train_scenes", "scene counts must be >= 0")
-        _require(self.photo_repeats >= 1, "photo_repeats", "must be >= 1")
+        require(self.train_scenes >= 0 and self.val_scenes >= 0, "train_scenes", "scene counts must be >= 0")
+        require(self.photo_repeats >= 1, "photo_repeats", "must be >= 1")
 
 
 @dataclass
@@ -233,8 +268,11 @@ class AugmentConfig:
     flip: bool = False  # mirror left-right, half of the time
 
     def __post_init__(self) -> None:
-        _require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
-                 f"{self.crop_scale} is not [low, high] with 0 < low <= high <= 1")
+        require(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_scale",
+            f"{self.crop_scale} is not [low, high] with 0 < low <= high <= 1",
+        )
 
     @property
     def active(self) -> bool:
@@ -267,8 +305,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_pack", "seq_length", "teacher_image_size", "prefetch"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1")
-        _require(self.num_workers >= 0, "num_workers", "must be >= 0")
+            require(getattr(self, name) >= 1, name, "must be >= 1")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 
 @dataclass
@@ -284,12 +322,14 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
-        _require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
-        _require(self.virtual_pipeline_model_parallel_size >= 1, "virtual_pipeline_model_parallel_size",
-                 "must be >= 1")
-        _require(self.virtual_pipeline_model_parallel_size == 1 or self.pipeline_model_parallel_size > 1,
-                 "virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size > 1")
+        require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
+        require(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
+        require(self.virtual_pipeline_model_parallel_size >= 1, "virtual_pipeline_model_parallel_size", "must be >= 1")
+        require(
+            self.virtual_pipeline_model_parallel_size == 1 or self.pipeline_model_parallel_size > 1,
+            "virtual_pipeline_model_parallel_size",
+            "needs pipeline_model_parallel_size > 1",
+        )
 
 
 @dataclass
@@ -305,19 +345,19 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_steps"):
-            _require(getattr(self, name) >= 0, name, "must be >= 0")
-        _require(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is above lr={self.lr}")
-        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1",
-                 "Adam's betas must be in [0, 1)")
-        _require(self.adam_eps > 0, "adam_eps", "must be positive")
+            require(getattr(self, name) >= 0, name, "must be >= 0")
+        require(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is above lr={self.lr}")
+        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "Adam's betas must be in [0, 1)")
+        require(self.adam_eps > 0, "adam_eps", "must be positive")
 
 
 @dataclass
 class TrainConfig:
-    # stage1, stage2, decoder: the tokenizer. continuous / discrete / cached: multimodal LLM
-    # training on images through the encoder, on offline codes, or on offline encoder features
-    # (the last two: data.train/val are token-file prefixes).
-    stage: Literal["stage1", "stage2", "decoder", "continuous", "discrete", "cached"] = "stage1"
+    # A stage of training/stages/: stage1, stage2, decoder (the tokenizer); continuous / discrete /
+    # cached: multimodal LLM training on images through the encoder, on offline codes, or on
+    # offline encoder features (the last two: data.train/val are token-file prefixes). What each
+    # needs of this config is checked by the stage.
+    stage: str = "stage1"
     # A checkpoint (directory, or a run's output_dir) of an earlier stage: the weights it
     # shares with this stage's model are loaded before training.
     init_from: str = ""
@@ -351,14 +391,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "eval_batches", "codebook_every", "max_nonfinite_steps"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1")
+            require(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("eval_every", "save_every", "distill_weight", "reconstruct_weight", "pixel_weight"):
-            _require(getattr(self, name) >= 0, name, "must be >= 0 (0: off)")
-        _require(self.output_dir.strip() != "", "output_dir", "must name a folder")
-        _require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps every checkpoint)")
-        _require(self.micro_batches >= 1, "micro_batches", "must be >= 1")
-        _require(self.optimizer.warmup_steps < self.steps, "optimizer.warmup_steps",
-                 f"{self.optimizer.warmup_steps} must be below train.steps={self.steps}")
+            require(getattr(self, name) >= 0, name, "must be >= 0 (0: off)")
+        require(self.output_dir.strip() != "", "output_dir", "must name a folder")
+        require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps every checkpoint)")
+        require(self.micro_batches >= 1, "micro_batches", "must be >= 1")
+        require(
+            self.optimizer.warmup_steps < self.steps,
+            "optimizer.warmup_steps",
+            f"{self.optimizer.warmup_steps} must be below train.steps={self.steps}",
+        )
 
 
 @dataclass
@@ -377,71 +420,79 @@ class Config:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _require(0 <= self.seed < 2**32, "seed", f"{self.seed} is not in [0, 2**32)")
+        require(0 <= self.seed < 2**32, "seed", f"{self.seed} is not in [0, 2**32)")
         patch = self.model.encoder.patch_size
-        _require(self.model.head is None or patch % 2 == 0, "model.encoder.patch_size",
-                 f"{patch} cannot be cut into the head's 2x2 sub-tokens (needs an even size)")
-        _require(self.model.decoder is None or patch == 16, "model.encoder.patch_size",
-                 f"{patch}: the pixel decoder draws 8x8 pixels per code, 2x2 codes per patch: needs 16")
+        require(
+            self.model.head is None or patch % 2 == 0,
+            "model.encoder.patch_size",
+            f"{patch} cannot be cut into the head's 2x2 sub-tokens (needs an even size)",
+        )
+        require(
+            self.model.decoder is None or patch == 16,
+            "model.encoder.patch_size",
+            f"{patch}: the pixel decoder draws 8x8 pixels per code, 2x2 codes per patch: needs 16",
+        )
         largest_image = self.data.image.max_pixels // (patch * patch)
-        _require(self.data.tokens_per_pack >= largest_image, "data.tokens_per_pack",
-                 f"{self.data.tokens_per_pack} cannot hold the largest image "
-                 f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})")
-        _require(self.model.llm is None or self.model.llm.lora.rank == 0 or self.parallel.tensor_model_parallel_size == 1,
-                 "model.llm.lora.rank", "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1")
+        require(
+            self.data.tokens_per_pack >= largest_image,
+            "data.tokens_per_pack",
+            f"{self.data.tokens_per_pack} cannot hold the largest image "
+            f"({largest_image} patches at data.image.max_pixels={self.data.image.max_pixels})",
+        )
+        require(
+            self.model.llm is None or self.model.llm.lora.rank == 0 or self.parallel.tensor_model_parallel_size == 1,
+            "model.llm.lora.rank",
+            "LoRA adapters are not tensor-parallel yet: use tensor_model_parallel_size 1",
+        )
         fused_norm_targets = {"linear_qkv", "linear_fc1"} & set(self.model.llm.lora.targets) if self.model.llm else ()
-        _require(self.model.transformer_impl != "transformer_engine" or not fused_norm_targets
-                 or self.model.llm.lora.rank == 0, "model.llm.lora.targets",
-                 f"{sorted(fused_norm_targets)} fuse their layer norm under Transformer Engine (an adapter there would "
-                 "not merge into the weight): target linear_proj/linear_fc2 only, or use transformer_impl local")
-        _require(self.model.fusions != "on" or self.model.params_dtype == "bfloat16", "model.fusions",
-                 "on needs model.params_dtype bfloat16 (the fused cross-entropy returns bf16 logit gradients)")
-        _require(self.train.pixel_weight == 0 or (self.train.stage == "stage2" and self.model.decoder is not None),
-                 "train.pixel_weight", "draws the stage-2 head's codes: needs train.stage stage2 and model.decoder")
-        stage = self.train.stage
-        _require(stage != "stage2" or self.model.head is not None, "model.head", "missing (train.stage stage2 trains it)")
-        _require(stage != "decoder" or (self.model.head is not None and self.model.decoder is not None),
-                 "model.decoder", "the decoder stage needs model.head and model.decoder")
-        _require(stage != "discrete" or bool(self.model.viq_tokenizer), "model.viq_tokenizer",
-                 "missing (the discrete stage embeds the codes with a ViQTokenizer directory's head)")
-        _require(stage != "cached" or bool(self.model.viq_tokenizer), "model.viq_tokenizer",
-                 "missing (the cached stage reads the features of a ViQTokenizer directory's encoder)")
-        _require(self.train.stage != "decoder" or self.parallel.pipeline_model_parallel_size == 1,
-                 "parallel.pipeline_model_parallel_size", "the decoder stage has no LLM to split into stages")
-        _require(self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
-                 "parallel.tensor_model_parallel_size",
-                 f"{self.parallel.tensor_model_parallel_size} does not divide "
-                 f"model.encoder.num_attention_heads={self.model.encoder.num_attention_heads}")
+        require(
+            self.model.transformer_impl != "transformer_engine"
+            or not fused_norm_targets
+            or self.model.llm.lora.rank == 0,
+            "model.llm.lora.targets",
+            f"{sorted(fused_norm_targets)} fuse their layer norm under Transformer Engine (an adapter there would "
+            "not merge into the weight): target linear_proj/linear_fc2 only, or use transformer_impl local",
+        )
+        require(
+            self.model.fusions != "on" or self.model.params_dtype == "bfloat16",
+            "model.fusions",
+            "on needs model.params_dtype bfloat16 (the fused cross-entropy returns bf16 logit gradients)",
+        )
+        require(
+            self.model.encoder.num_attention_heads % self.parallel.tensor_model_parallel_size == 0,
+            "parallel.tensor_model_parallel_size",
+            f"{self.parallel.tensor_model_parallel_size} does not divide "
+            f"model.encoder.num_attention_heads={self.model.encoder.num_attention_heads}",
+        )
 
-    # What a use beyond training needs of a valid config; checked here, beside the rules above.
-    def check_answering(self, offline_codes: bool = False) -> None:
-        """Evaluation: a model that answers questions (with `offline_codes`: from ViQ codes)."""
-        _require(self.model.llm is not None, "model.llm", "missing (answering questions needs an LLM)")
-        _require(self.train.stage in ANSWERING_STAGES, "train.stage",
-                 f"{self.train.stage!r} has no LLM; use one of {', '.join(ANSWERING_STAGES)}")
-        _require(self.parallel.pipeline_model_parallel_size == 1, "parallel.pipeline_model_parallel_size",
-                 "evaluation keeps the whole LLM on each rank; use 1")
-        _require(not offline_codes or self.train.stage == "discrete", "train.stage",
-                 f"offline ViQ codes are read by a discrete-stage model, not {self.train.stage}")
-
+    # What a use beyond training needs of a valid config (a stage's own needs: training/stages/).
     def check_tokenizer(self) -> None:
         """A ViQ tokenizer: an encoder and an FSQ head (whose codes it writes)."""
-        _require(self.model.head is not None, "model.head", "missing (a ViQ tokenizer needs its quantization head)")
-        _require(self.model.head.quantizer == "fsq", "model.head.quantizer",
-                 f"{self.model.head.quantizer!r} has no codes; export an fsq head")
-
-
-ANSWERING_STAGES = ("stage1", "stage2", "continuous", "discrete", "cached")
+        require(self.model.head is not None, "model.head", "missing (a ViQ tokenizer needs its quantization head)")
+        require(
+            self.model.head.quantizer == "fsq",
+            "model.head.quantizer",
+            f"{self.model.head.quantizer!r} has no codes; export an fsq head",
+        )
 
 
 # ---------------------------------------------------------------- loading
 
-def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None, required: bool = True,
-                       default_config: str | None = None) -> tuple[argparse.Namespace, Config]:
+
+def parse_command_line(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    required: bool = True,
+    default_config: str | None = None,
+) -> tuple[argparse.Namespace, Config]:
     """Adds `--config` and `key.sub=value` overrides to a job's parser; a config error
     ends the process with its one line and exit status 2."""
-    parser.add_argument("--config", default=default_config, required=required and default_config is None,
-                        help="YAML config" + (f" (default {default_config})" if default_config else ""))
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        required=required and default_config is None,
+        help="YAML config" + (f" (default {default_config})" if default_config else ""),
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
     try:
@@ -495,8 +546,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -522,14 +573,14 @@ def _apply_override(data: dict[str, Any], item: str) -> str:
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if part not in fields:
-            raise ConfigError(f"command line: {'.'.join(parts[:i + 1])}: unknown key")
+            raise ConfigError(f"command line: {'.'.join(parts[: i + 1])}: unknown key")
         cls = typing.get_type_hints(cls)[part]
         if typing.get_origin(cls) in (typing.Union, types.UnionType):  # Optional[section]
             cls = next(a for a in typing.get_args(cls) if a is not type(None))
         if i < len(parts) - 1:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"command line: {'.'.join(parts[:i + 1])}: is not a section")
+                raise ConfigError(f"command line: {'.'.join(parts[: i + 1])}: is not a section")
     try:
         node[parts[-1]] = parse_yaml(raw, "command line") if raw else ""
     except ConfigError:

@@ -6,6 +6,7 @@ Prints each image's native-resolution patch grid and a throughput line. Images a
 packed into sequences of `data.tokens_per_pack` patches; packs are split over the
 data-parallel ranks, and each pack is encoded by its tensor-parallel group.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,13 @@ import logging
 import sys
 import time
 
+from viq_megatron.runtime.extras import quiet_megatron_warnings
+
+quiet_megatron_warnings()  # a program: before megatron-core loads (it warns while importing)
+
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from viq_megatron.config import Config, parse_command_line
 from viq_megatron.data.embedded import shipped_photos
@@ -46,9 +52,6 @@ def load_images(cfg: Config) -> tuple[list[NativeImage], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _, cfg = parse_command_line(parser, argv)
-
-    from megatron.core import parallel_state
-
     setup_logging(initialize(cfg.parallel, cfg.seed).rank)
     with one_line_errors(parser):  # settings only checkable on this machine (TE, FP8), a bad checkpoint or path
         encoder, impl = build_encoder(cfg)
@@ -62,16 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     packs = greedy_pack([im.num_patches for im in images], cfg.data.tokens_per_pack)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    my_packs = [PackedImages.from_images([images[i] for i in pack]).to(device, dtype)
-                for pack in packs[dp_rank::dp_size]]
+    my_packs = [
+        PackedImages.from_images([images[i] for i in pack]).to(device, dtype) for pack in packs[dp_rank::dp_size]
+    ]
     if is_main_process():
         for im in images:
             (w, h), (gh, gw) = im.source_size, im.grid
-            log.info("%-28s %5dx%-5d -> %5dx%-5d grid %3dx%-3d (%d patches)", im.source.split("/")[-1],
-                     w, h, gw * cfg.model.encoder.patch_size, gh * cfg.model.encoder.patch_size, gh, gw,
-                     im.num_patches)
-        log.info("%d images in %d packs of <= %d patches; %d skipped", len(images), len(packs),
-                 cfg.data.tokens_per_pack, len(skipped))
+            log.info(
+                "%-28s %5dx%-5d -> %5dx%-5d grid %3dx%-3d (%d patches)",
+                im.source.split("/")[-1],
+                w,
+                h,
+                gw * cfg.model.encoder.patch_size,
+                gh * cfg.model.encoder.patch_size,
+                gh,
+                gw,
+                im.num_patches,
+            )
+        log.info(
+            "%d images in %d packs of <= %d patches; %d skipped",
+            len(images),
+            len(packs),
+            cfg.data.tokens_per_pack,
+            len(skipped),
+        )
 
     def encode_all() -> None:
         for pack in my_packs:
@@ -94,11 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     flops = vit_forward_flops(cfg.model.encoder, [im.num_patches for im in images]) / seconds / world
     peak = peak_flops(device)
     if is_main_process():
-        log.info("throughput: %.0f patches/s, %.2f images/s, %.2f TFLOP/s per device%s "
-                 "(%.3f s per pass; tp=%d dp=%d, %s, %s layers, %s)",
-                 patches / seconds, len(images) / seconds, flops / 1e12,
-                 f", MFU {flops / peak:.1%}" if peak else "", seconds, cfg.parallel.tensor_model_parallel_size,
-                 dp_size, str(dtype).removeprefix("torch."), impl, device.type)
+        log.info(
+            "throughput: %.0f patches/s, %.2f images/s, %.2f TFLOP/s per device%s "
+            "(%.3f s per pass; tp=%d dp=%d, %s, %s layers, %s)",
+            patches / seconds,
+            len(images) / seconds,
+            flops / 1e12,
+            f", MFU {flops / peak:.1%}" if peak else "",
+            seconds,
+            cfg.parallel.tensor_model_parallel_size,
+            dp_size,
+            str(dtype).removeprefix("torch."),
+            impl,
+            device.type,
+        )
     shutdown()
     return 0
 

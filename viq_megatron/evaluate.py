@@ -20,17 +20,15 @@ accuracy after `normalize` is printed. Under torchrun the questions are split ov
 data-parallel ranks, each tensor-parallel group decodes its share from full (gathered)
 logits, and rank 0 writes the file. Pipeline parallelism is not supported here.
 
-The model is the config's stage with the run's checkpoint loaded over it: stage1 and
-continuous: encoder + projector; stage2: encoder + ViQ head + projector; discrete: the
-run's head + projector embed offline codes, or, for questions with images, the ViQ tokenizer
-of model.viq_tokenizer encodes them online first (the same codes, bit for bit); cached: that
-tokenizer's encoder reads the images online, then the run's projector. A frozen pretrained LLM
-that the checkpoint leaves out comes from model.llm.checkpoint.
+The model is rebuilt by viq_megatron.inference: the config's stage (training/stages/) with the
+run's checkpoint loaded over it; a discrete or cached run reads questions with images through
+model.viq_tokenizer (the same codes, bit for bit). A frozen pretrained LLM that the checkpoint
+leaves out comes from model.llm.checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import string
@@ -39,30 +37,26 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from viq_megatron.runtime.extras import quiet_megatron_warnings
+
+quiet_megatron_warnings()  # a program: before megatron-core loads (it warns while importing)
+
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing import ShardedTensor
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core import parallel_state
 from tqdm import tqdm
 
 from viq_megatron.config import Config, ConfigError, ImageConfig, parse_command_line
 from viq_megatron.data.conversations import Sample, SampleError, read_conversations
 from viq_megatron.data.images import ImageError
-from viq_megatron.data.multimodal import EncodedSample, encode_sample, offline_sample, pack_samples
-from viq_megatron.data.text import (IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, TextTokenizer, Turn,
-                                    tokenize_conversation)
+from viq_megatron.data.multimodal import EncodedSample, encode_sample, offline_sample
+from viq_megatron.data.text import IMAGE_PLACEHOLDER, TextTokenizer, stop_ids
 from viq_megatron.data.token_dataset import TokenDataset
-from viq_megatron.models.hf_llm import CheckpointError
-from viq_megatron.models.provider import encoder_input, load_prefixed, quantized_input, tokenizer_config
+from viq_megatron.inference import generate, load_model, load_text_tokenizer
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
-from viq_megatron.runtime.errors import InputError, check_writable, one_line_errors
-from viq_megatron.training.checkpoint import checkpoint_step, left_out, load_shared_weights
-from viq_megatron.training.stages import STAGES
+from viq_megatron.runtime.errors import check_writable, one_line_errors
+from viq_megatron.training.checkpoint import checkpoint_step
 
 log = logging.getLogger("viq_megatron.evaluate")
-
 
 
 @dataclass
@@ -94,11 +88,16 @@ def read_questions(path: str | Path, root: str | None = None, allow_outside_root
         if not users:
             raise SampleError(f"{path}: sample {index}: no human turn to answer")
         last = users[-1]
-        replies = [turn.text for turn in item.turns[last + 1:] if turn.role == "assistant"]
-        questions.append(Question(index, index if item.id is None else item.id,
-                                  replace(item, turns=item.turns[:last + 1]),
-                                  item.turns[last].text.replace(IMAGE_PLACEHOLDER, "").strip(),
-                                  replies[0] if replies else None))
+        replies = [turn.text for turn in item.turns[last + 1 :] if turn.role == "assistant"]
+        questions.append(
+            Question(
+                index,
+                index if item.id is None else item.id,
+                replace(item, turns=item.turns[: last + 1]),
+                item.turns[last].text.replace(IMAGE_PLACEHOLDER, "").strip(),
+                replies[0] if replies else None,
+            )
+        )
     if not questions:
         raise SampleError(f"{path}: no questions")
     return questions
@@ -120,24 +119,19 @@ def read_offline_questions(prefix: str | Path, tokenizer: TextTokenizer) -> list
         while images < len(sample.codes) and patches + len(sample.codes[images]) <= len(slots):
             patches += len(sample.codes[images])
             images += 1
-        prompt = EncodedSample(sample.source, sample.token_ids[:start], sample.loss_flags[:start], slots, [], [],
-                               sample.codes[:images])
-        question = sample.token_ids[slots[-1] + 1 if slots else 0:start]
+        prompt = EncodedSample(
+            sample.source, sample.token_ids[:start], sample.loss_flags[:start], slots, [], [], sample.codes[:images]
+        )
+        question = sample.token_ids[slots[-1] + 1 if slots else 0 : start]
         reference = [t for t in sample.token_ids[start:end] if t not in stop]
-        questions.append(Question(index, index, None, tokenizer.decode(question).strip(),
-                                  tokenizer.decode(reference).strip(), prompt))
+        questions.append(
+            Question(
+                index, index, None, tokenizer.decode(question).strip(), tokenizer.decode(reference).strip(), prompt
+            )
+        )
     if not questions:
         raise SampleError(f"{prefix}: no questions")
     return questions
-
-
-def stop_ids(tokenizer: TextTokenizer) -> set[int]:
-    """Token ids that end an answer: EOS, and the special tokens that close an assistant turn in
-    the chat template (e.g. Qwen2.5's <|im_end|>, where EOS is <|endoftext|>)."""
-    pieces = tokenize_conversation(tokenizer, [Turn("user", "Hi"), Turn("assistant", "Hello")]).pieces
-    answer = [i for piece in pieces if piece[0] == "text" for i, flag in zip(piece[1], piece[2]) if flag]
-    special = set(getattr(getattr(tokenizer, "tokenizer", None), "all_special_ids", ()))
-    return {tokenizer.eos_id, *(i for i in answer if i in special)}
 
 
 def normalize(answer: str) -> str:
@@ -146,138 +140,53 @@ def normalize(answer: str) -> str:
     return " ".join(w for w in words if w)
 
 
-def load_text_tokenizer(cfg: Config, checkpoint: Path, path: str | None = None) -> TextTokenizer:
-    """The tokenizer the run trained with: `path` (a SentencePiece .model or an HF tokenizer
-    folder) when given, else the LLM checkpoint's own, else the configured SentencePiece model,
-    else the one the run trained."""
-    if path:
-        return SentencePieceTokenizer(path) if str(path).endswith(".model") else HFTokenizer(path)
-    if cfg.model.llm.tokenizer.kind == "checkpoint":
-        return HFTokenizer(Path(cfg.model.llm.checkpoint) / "tokenizer")
-    if cfg.model.llm.tokenizer.sentencepiece_model:
-        return SentencePieceTokenizer(cfg.model.llm.tokenizer.sentencepiece_model)
-    for folder in (checkpoint, *checkpoint.parents[:3]):  # a run dir, its checkpoints/ or one step
-        if (folder / "tokenizer.model").is_file():
-            return SentencePieceTokenizer(folder / "tokenizer.model")
-    raise InputError(f"{checkpoint}: no tokenizer.model in the run (the SentencePiece tokenizer it "
-                            "trained with); pass --text-tokenizer")
-
-
-def load_model(cfg: Config, checkpoint: str | Path, online: bool = True):
-    """(VisionLanguageModel in eval mode, the config of its visual input): the config's stage
-    with the checkpoint's weights. The visual config is `cfg`, or for the discrete stage the ViQ
-    tokenizer's (its encoder, head and image rules): with `online` the discrete model reads images
-    through the tokenizer, else offline codes as in training. Collective (every rank calls it). A
-    tensor the model needs that neither the checkpoint nor a pretrained source provides is a
-    one-line error."""
-    cfg.check_answering(offline_codes=not online)
-    step = checkpoint_step(checkpoint)
-    stage = STAGES[cfg.train.stage](cfg)
-    model, visual_cfg = stage.chunks[0], cfg
-    elsewhere = set()  # key prefixes the model has without the checkpoint
-    if cfg.train.stage == "stage1":
-        elsewhere.update(("visual.teacher.", "visual.pooling."))  # training only
-    if cfg.train.stage in ("discrete", "cached") and online:
-        visual_cfg = _online_tokenizer(cfg, model)
-        elsewhere.add("visual.")
-    available = dist_checkpointing.load_tensors_metadata(str(step))
-    missing = [v.key for v in model.sharded_state_dict().values()
-               if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.key not in available
-               and not left_out(cfg, v.key) and not v.key.startswith(tuple(elsewhere))]
-    if missing:
-        raise CheckpointError(f"{step}: tensor {missing[0]} is missing (not a checkpoint of this "
-                              f"config's {cfg.train.stage} model?)")
-    load_shared_weights([model], step)
-    trained_steps = torch.load(step / "trainer.pt", weights_only=True)["step"]
-    stage.on_step(trained_steps)  # schedules that shape the model, e.g. the progressive quantizer's blend
-    return model.eval(), visual_cfg
-
-
-def _online_tokenizer(cfg: Config, model) -> Config:
-    """Discrete stage: the visual input becomes the ViQ tokenizer's encoder + head; cached stage:
-    its encoder (their weights; the run's checkpoint then overrides the head and holds the
-    projector it trained). Returns `cfg` with the tokenizer's encoder, head and image rules (the
-    codes or features were made with them)."""
-    tokenizer_cfg, _, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
-    hidden, cached = model.llm.config.hidden_size, cfg.train.stage == "cached"
-    model.visual = encoder_input(tokenizer_cfg, hidden) if cached else quantized_input(tokenizer_cfg, hidden)
-    for part in ("encoder",) if cached else ("encoder", "head"):  # the run has the projector
-        load_prefixed(getattr(model.visual, part), weights, f"visual.{part}.")
-    return tokenizer_cfg
-
-
-def next_token_logits(llm, sequences: list[list[int]], slots: list[list[int]],
-                      visual: torch.Tensor | None) -> torch.Tensor:
-    """Full-vocabulary logits [len(sequences), vocab] after the last token of each sequence,
-    all packed into one row: the training forward pass (visual embeddings in the slots,
-    attention and RoPE positions per sequence) with logits instead of a loss, gathered over
-    tensor-parallel ranks. `visual`: the embeddings of all slots, sequence after sequence."""
-    device = next(llm.parameters()).device
-    lengths = [len(s) for s in sequences]
-    starts = [0, *itertools.accumulate(lengths)]
-    cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
-    tokens = torch.tensor([t for s in sequences for t in s], dtype=torch.int64, device=device)[None]
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-    embeddings = llm.embedding(input_ids=tokens, position_ids=positions)  # [T, 1, hidden]
-    places = torch.tensor([start + p for start, s in zip(starts, slots) for p in s], dtype=torch.int64, device=device)
-    if len(places):
-        embeddings = embeddings.index_put((places, torch.zeros_like(places)), visual.to(embeddings.dtype))
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
-    logits = llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
-                 packed_seq_params=packed, runtime_gather_output=True)  # [1, T, vocab]
-    return logits[0, cu_seqlens[1:].long() - 1].float()
-
-
-@torch.no_grad()
-def generate(model, prompts: list[EncodedSample], stop: set[int], max_new_tokens: int,
-             vocab_size: int | None = None) -> list[list[int]]:
-    """Greedy answers (token ids, the stop token left out) to prompts decoded together in one
-    packed sequence. Ids from `vocab_size` on (embedding rows the tokenizer has no piece for)
-    are never chosen."""
-    batch = pack_samples(prompts)
-    visual = model.visual(batch).embeddings if len(batch.visual_positions) else None
-    visuals = list(visual.split([len(p.visual_slots) for p in prompts])) if visual is not None else None
-    answers: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    for _ in range(max_new_tokens):
-        logits = next_token_logits(model.llm, [prompts[i].token_ids + answers[i] for i in active],
-                                   [prompts[i].visual_slots for i in active],
-                                   torch.cat([visuals[i] for i in active]) if visuals else None)
-        if vocab_size is not None:
-            logits[:, vocab_size:] = -float("inf")
-        for i, token in zip(active, logits.argmax(-1).tolist()):
-            answers[i].append(token)
-        active = [i for i in active if answers[i][-1] not in stop]
-        if not active:
-            break
-    return [a[:-1] if a and a[-1] in stop else a for a in answers]
-
-
-def answer_questions(model, questions: list[Question], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                     batch_size: int, max_new_tokens: int, progress: bool = False) -> list[dict]:
+def answer_questions(
+    model,
+    questions: list[Question],
+    tokenizer: TextTokenizer,
+    rules: ImageConfig,
+    patch: int,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = False,
+) -> list[dict]:
     """One result per question, in the given order; an unusable image is a one-line ImageError
     naming the sample."""
     results, stop = [], stop_ids(tokenizer)
     with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
-            chunk = questions[start:start + batch_size]
+            chunk = questions[start : start + batch_size]
             prompts = [q.layout(tokenizer, rules, patch) for q in chunk]
             for q, ids in zip(chunk, generate(model, prompts, stop, max_new_tokens, tokenizer.vocab_size)):
-                results.append({"index": q.index, "id": q.id, "question": q.question,
-                                "answer": tokenizer.decode(ids).strip(), "reference": q.reference})
+                results.append(
+                    {
+                        "index": q.index,
+                        "id": q.id,
+                        "question": q.question,
+                        "answer": tokenizer.decode(ids).strip(),
+                        "reference": q.reference,
+                    }
+                )
             bar.update(len(chunk))
     return results
 
 
-def answer_data_parallel(model, questions: list[Question], tokenizer: TextTokenizer, visual_cfg: Config,
-                         batch_size: int, max_new_tokens: int) -> list[dict]:
+def answer_data_parallel(
+    model, questions: list[Question], tokenizer: TextTokenizer, visual_cfg: Config, batch_size: int, max_new_tokens: int
+) -> list[dict]:
     """answer_questions with the questions split over the data-parallel ranks; every result, in
     question order, on rank 0 (an empty list elsewhere). Collective."""
     rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    mine = answer_questions(model, questions[rank::size], tokenizer, visual_cfg.data.image,
-                            visual_cfg.model.encoder.patch_size, batch_size, max_new_tokens,
-                            progress=is_main_process())
+    mine = answer_questions(
+        model,
+        questions[rank::size],
+        tokenizer,
+        visual_cfg.data.image,
+        visual_cfg.model.encoder.patch_size,
+        batch_size,
+        max_new_tokens,
+        progress=is_main_process(),
+    )
     gathered = [None] * dist.get_world_size() if is_main_process() else None
     dist.gather_object(mine, gathered, dst=0)  # tensor-parallel peers send the same answers
     if not is_main_process():
@@ -291,8 +200,15 @@ def accuracy(results: list[dict]) -> tuple[int, int]:
     return sum(normalize(r["answer"]) == normalize(r["reference"]) for r in scored), len(scored)
 
 
-def run(cfg: Config, checkpoint: Path, questions: list[Question], out: Path, batch_size: int = 8,
-        max_new_tokens: int = 32, text_tokenizer: str | None = None) -> list[dict]:
+def run(
+    cfg: Config,
+    checkpoint: Path,
+    questions: list[Question],
+    out: Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    text_tokenizer: str | None = None,
+) -> list[dict]:
     """Answers this data-parallel rank's share, gathers every answer on rank 0, which writes
     `out`. Offline questions (read_offline_questions) are answered from their ViQ codes by the
     discrete model, others from their images. Collective; needs the distributed runtime
@@ -319,9 +235,13 @@ def run(cfg: Config, checkpoint: Path, questions: list[Question], out: Path, bat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run's output_dir, or one of its checkpoints")
-    parser.add_argument("--questions", required=True, type=Path,
-                        help="LLaVA-style JSON/JSONL question file, or the prefix of offline token files "
-                             "(tools/preprocess_images.py) for a discrete model")
+    parser.add_argument(
+        "--questions",
+        required=True,
+        type=Path,
+        help="LLaVA-style JSON/JSONL question file, or the prefix of offline token files "
+        "(tools/preprocess_images.py) for a discrete model",
+    )
     parser.add_argument("--out", required=True, type=Path, help="answers, one JSON line per question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="questions decoded together in one packed sequence")
@@ -338,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_step(args.checkpoint)
         check_writable(args.out)
         if offline:
-            questions = read_offline_questions(args.questions, load_text_tokenizer(cfg, args.checkpoint,
-                                                                                   args.text_tokenizer))
+            questions = read_offline_questions(
+                args.questions, load_text_tokenizer(cfg, args.checkpoint, args.text_tokenizer)
+            )
     setup_logging(initialize(cfg.parallel, cfg.seed).rank)
     with one_line_errors(parser):
         run(cfg, args.checkpoint, questions, args.out, args.batch_size, args.max_new_tokens, args.text_tokenizer)

@@ -33,21 +33,22 @@ Batches work the same way with left padding (zero embeddings, attention mask 0).
 The visual input needs viq_megatron: its Megatron-Core layers are built standalone (no
 process group, as ViQTokenizer's are); the LLM is plain transformers.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from viq_megatron.config import ConfigError, config_from_dict
 from viq_megatron.data.conversations import Sample
 from viq_megatron.data.images import ImageSource
 from viq_megatron.data.multimodal import EncodedSample, encode_sample, pack_samples
-from viq_megatron.data.text import IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, Turn
-from viq_megatron.evaluate import stop_ids
+from viq_megatron.data.text import IMAGE_PLACEHOLDER, HFTokenizer, SentencePieceTokenizer, Turn, stop_ids
 from viq_megatron.models.files import WEIGHTS_FILE
 from viq_megatron.models.provider import encoder_input, quantized_input
 from viq_megatron.models.sharding import load_full_state_dict
@@ -85,8 +86,6 @@ class ViQForHF:
     """An exported model: the HF causal LM, our visual input, the text tokenizer it trained with."""
 
     def __init__(self, directory: str | Path, device: str | torch.device = "cpu"):
-        from transformers import AutoModelForCausalLM
-
         directory = Path(directory)
         self.lm = AutoModelForCausalLM.from_pretrained(str(directory)).to(device).eval()
         sentencepiece = directory / VISUAL_DIR / TEXT_TOKENIZER_FILE
@@ -96,8 +95,14 @@ class ViQForHF:
 
     def layout(self, turns: Sequence[Turn], images: Sequence[ImageSource] = ()) -> EncodedSample:
         """Token ids with visual slots, exactly as training laid the conversation out up to the answer."""
-        return encode_sample(Sample("question", tuple(turns), tuple(images)), self.text, self.visual.rules,
-                             self.visual.patch, None, generation_prompt=True)
+        return encode_sample(
+            Sample("question", tuple(turns), tuple(images)),
+            self.text,
+            self.visual.rules,
+            self.visual.patch,
+            None,
+            generation_prompt=True,
+        )
 
     @torch.no_grad()
     def inputs_embeds(self, encoded: EncodedSample) -> torch.Tensor:
@@ -116,11 +121,15 @@ class ViQForHF:
             question = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [question])
         embeds = self.inputs_embeds(self.layout([Turn("user", question)], images))
         vocab = self.lm.get_input_embeddings().weight.shape[0]
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
-                                                                               device=embeds.device),
-                               do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.stop,
-                               pad_token_id=self.text.eos_id,
-                               suppress_tokens=list(range(self.text.vocab_size, vocab)) or None)
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop,
+            pad_token_id=self.text.eos_id,
+            suppress_tokens=list(range(self.text.vocab_size, vocab)) or None,
+        )
         ids = out[0].tolist()
         ends = [k for k, i in enumerate(ids) if i in self.stop]
-        return self.text.decode(ids[:ends[0]] if ends else ids).strip()
+        return self.text.decode(ids[: ends[0]] if ends else ids).strip()

@@ -13,15 +13,16 @@ A plain torch module on any device: no distributed runtime, no process group, no
 generators are left as they were. The same module definitions serve training, export and
 this class, so `embed(encode(x))` equals what the online model feeds the LLM, bit for bit.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +32,13 @@ from safetensors.torch import save_file
 from viq_megatron.config import Config
 from viq_megatron.data.images import ImageError, ImageSource, load_native_image
 from viq_megatron.data.packing import PackedImages
-from viq_megatron.models.files import (TOKENIZER_CONFIG, WEIGHTS_FILE, TokenizerError, read_tokenizer_files,
-                                       visual_config)
+from viq_megatron.models.files import (
+    TOKENIZER_CONFIG,
+    WEIGHTS_FILE,
+    TokenizerError,
+    read_tokenizer_files,
+    visual_config,
+)
 from viq_megatron.models.pixel_decoder import blocks_to_image, patch_major, raster_order
 from viq_megatron.models.provider import build_pixel_decoder, quantized_input
 from viq_megatron.models.vit import row_blocked
@@ -82,15 +88,17 @@ class ViQTokenizer:
             if name not in state:
                 raise TokenizerError(f"{source}: tensor {name} is missing")
             if state[name].shape != tensor.shape:
-                raise TokenizerError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
-                                     f"expected {tuple(tensor.shape)}")
+                raise TokenizerError(
+                    f"{source}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}"
+                )
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise TokenizerError(f"{source}: unexpected tensor {unexpected[0]}")
         for prefix, module in (("visual.", self.visual), ("decoder.", self.decoder)):
             if module is not None:
-                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                       strict=False)
+                module.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False
+                )
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the codes: the configuration and every weight."""
@@ -107,12 +115,11 @@ class ViQTokenizer:
         (directory / TOKENIZER_CONFIG).write_text(json.dumps(self._config_dict(), indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ViQTokenizer":
+    def load(cls, directory: str | Path) -> ViQTokenizer:
         cfg, llm_hidden_size, state = read_tokenizer_files(directory)
         tokenizer = cls(cfg, llm_hidden_size)
         tokenizer.load_state_dict(state, str(Path(directory) / WEIGHTS_FILE))
         return tokenizer
-
 
     # ------------------------------------------------------------------ the product
     @property
@@ -140,17 +147,20 @@ class ViQTokenizer:
         for image, part in zip(loaded, packed.split(indices)):
             gh, gw = image.grid
             grid = part.reshape(-1)[raster_order(gh, gw).to(part.device)].reshape(2 * gh, 2 * gw)
-            out.append(EncodedImage(grid.cpu(), (gw * self.cfg.model.encoder.patch_size,
-                                                 gh * self.cfg.model.encoder.patch_size)))
+            out.append(
+                EncodedImage(
+                    grid.cpu(), (gw * self.cfg.model.encoder.patch_size, gh * self.cfg.model.encoder.patch_size)
+                )
+            )
         return out
 
     @torch.no_grad()
     def encoder_features(self, images: Sequence[ImageSource]) -> list[torch.Tensor]:
         """Images at any resolution -> the encoder's tokens [grid_h, grid_w, width] per image, before
         the head: what a continuous model with this (frozen) encoder feeds its projector."""
-        loaded, packed, tokens = self._encoder_tokens(images)
+        loaded, packed, all_tokens = self._encoder_tokens(images)
         out = []
-        for image, tokens in zip(loaded, packed.split(tokens)):
+        for image, tokens in zip(loaded, packed.split(all_tokens)):
             if not torch.isfinite(tokens).all():
                 raise ImageError(f"{image.source}: the encoder's features are NaN or infinite")
             out.append(tokens.reshape(*image.grid, -1).cpu())
@@ -180,8 +190,9 @@ class ViQTokenizer:
         out = []
         for grid in codes:
             quantized = head.quantizer.fsq.indices_to_codes(self._patch_major(grid).to(self.device))
-            subtokens = row_blocked(head.from_code, quantized.reshape(-1, quantized.shape[-1]).to(
-                head.from_code.weight.dtype))
+            subtokens = row_blocked(
+                head.from_code, quantized.reshape(-1, quantized.shape[-1]).to(head.from_code.weight.dtype)
+            )
             patch_grid = torch.tensor([[grid.shape[0] // 2, grid.shape[1] // 2]])
             pixels = blocks_to_image(self.decoder(subtokens, patch_grid), tuple(patch_grid[0].tolist())).float()
             std, mean = (torch.tensor(v, device=pixels.device)[:, None, None] for v in (rules.std, rules.mean))

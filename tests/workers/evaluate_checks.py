@@ -7,6 +7,7 @@
     parallel (2 processes): the held-out questions at TP=2, then at DP=2 through the command line
 Answer files land in the work folder (argv[3]).
 """
+
 import json
 import os
 import sys
@@ -23,8 +24,10 @@ from conftest import TINY_TRAIN, tiny_train_config  # noqa: E402
 
 TRAIN_SCENES, VAL_SCENES, SEED = 160, 16, 1234
 STEPS, MAX_NEW_TOKENS = 300, 6
-LLM = ("model.llm.arch={hidden_size: 128, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
-       "ffn_hidden_size: 256, vocab_size: 512, rotary_base: 10000.0}")
+LLM = (
+    "model.llm.arch={hidden_size: 128, num_layers: 2, num_attention_heads: 4, num_query_groups: 2, "
+    "ffn_hidden_size: 256, vocab_size: 512, rotary_base: 10000.0}"
+)
 
 
 def write_questions(folder: Path, scenes: list[int], name: str, together: bool) -> Path:
@@ -50,10 +53,19 @@ def write_questions(folder: Path, scenes: list[int], name: str, together: bool) 
 def settings(work: Path) -> list[str]:
     """The tiny training config's overrides for this run (its output_dir: work/run)."""
     data = work / "data"
-    return ["train.stage=continuous", "train.freeze=[]", LLM, "data.seq_length=512",
-            f"data.train={data / 'qa_train.jsonl'}", f"data.val={data / 'qa_val.jsonl'}", f"train.steps={STEPS}",
-            f"train.save_every={STEPS}", "train.optimizer.warmup_steps=20", "train.optimizer.lr=0.003",
-            "train.optimizer.min_lr=0.0003"]
+    return [
+        "train.stage=continuous",
+        "train.freeze=[]",
+        LLM,
+        "data.seq_length=512",
+        f"data.train={data / 'qa_train.jsonl'}",
+        f"data.val={data / 'qa_val.jsonl'}",
+        f"train.steps={STEPS}",
+        f"train.save_every={STEPS}",
+        "train.optimizer.warmup_steps=20",
+        "train.optimizer.lr=0.003",
+        "train.optimizer.min_lr=0.0003",
+    ]
 
 
 def config(work: Path, *extra: str):
@@ -91,20 +103,32 @@ def answer(work: Path, timings: dict) -> None:
     from viq_megatron import evaluate
 
     cfg, data = config(work), work / "data"
-    for name, questions, batch in (("answers_train", "qa_train_questions", 16), ("answers", "qa_val", 8),
-                                   ("answers_single", "qa_val", 1)):
+    for name, questions, batch in (
+        ("answers_train", "qa_train_questions", 16),
+        ("answers", "qa_val", 8),
+        ("answers_single", "qa_val", 1),
+    ):
         start = time.perf_counter()
-        evaluate.run(cfg, work / "run", evaluate.read_questions(data / f"{questions}.jsonl"),
-                     work / f"{name}.jsonl", batch_size=batch, max_new_tokens=MAX_NEW_TOKENS)
+        evaluate.run(
+            cfg,
+            work / "run",
+            evaluate.read_questions(data / f"{questions}.jsonl"),
+            work / f"{name}.jsonl",
+            batch_size=batch,
+            max_new_tokens=MAX_NEW_TOKENS,
+        )
         timings[f"{name}_s"] = time.perf_counter() - start
 
 
 def hugging_face(work: Path, timings: dict) -> dict:
     """tools/export_hf.py, then the adapter: its greedy answers, its logits after each prompt
     against ours, and its teacher-forced argmax over the tokens of our answers."""
-    from tools.export_hf import main as export
-    from viq_megatron import evaluate
+    from dataclasses import replace
+
+    from viq_megatron import evaluate, inference
+    from viq_megatron.cli.export_hf import main as export
     from viq_megatron.data.multimodal import pack_samples
+    from viq_megatron.data.text import stop_ids
     from viq_megatron.hf_adapter import ViQForHF
 
     start = time.perf_counter()
@@ -113,22 +137,21 @@ def hugging_face(work: Path, timings: dict) -> dict:
     start = time.perf_counter()
     hf = ViQForHF(work / "hf")
     cfg = config(work)
-    model, _ = evaluate.load_model(cfg, work / "run")
-    text = evaluate.load_text_tokenizer(cfg, work / "run")
+    model, _ = inference.load_model(cfg, work / "run")
+    text = inference.load_text_tokenizer(cfg, work / "run")
     answers, logit_diff, forced = [], 0.0, []
     with torch.no_grad():
         for q in evaluate.read_questions(work / "data" / "qa_val.jsonl"):
             answers.append(hf.answer(q.question, q.sample.images, max_new_tokens=MAX_NEW_TOKENS))
             prompt = hf.layout(q.sample.turns, q.sample.images)  # the same layout evaluate uses
-            ours = evaluate.next_token_logits(model.llm, [prompt.token_ids], [prompt.visual_slots],
-                                              model.visual(pack_samples([prompt])).embeddings)[0]
-            ids = evaluate.generate(model, [prompt], evaluate.stop_ids(text), MAX_NEW_TOKENS, text.vocab_size)[0]
+            ours = inference.next_token_logits(model, replace(pack_samples([prompt]), labels=None))[0]
+            ids = inference.generate(model, [prompt], stop_ids(text), MAX_NEW_TOKENS, text.vocab_size)[0]
             embeds = torch.cat([hf.inputs_embeds(prompt), hf.lm.get_input_embeddings()(torch.tensor([ids]))], 1)
-            logits = hf.lm(inputs_embeds=embeds).logits[0, len(prompt.token_ids) - 1:].float()
+            logits = hf.lm(inputs_embeds=embeds).logits[0, len(prompt.token_ids) - 1 :].float()
             logit_diff = max(logit_diff, (logits[0] - ours).abs().max().item())
-            logits[:, text.vocab_size:] = -float("inf")
+            logits[:, text.vocab_size :] = -float("inf")
             expected = ids + ([text.eos_id] if len(ids) < MAX_NEW_TOKENS else [])
-            forced.append(logits.argmax(-1).tolist()[:len(expected)] == expected)
+            forced.append(logits.argmax(-1).tolist()[: len(expected)] == expected)
     timings["hf_s"] = time.perf_counter() - start
     return {"hf_answers": answers, "hf_logit_diff": logit_diff, "hf_teacher_forced": forced}
 
@@ -142,13 +165,34 @@ def parallel(work: Path) -> dict:
     start = time.perf_counter()
     cfg = config(work, "parallel.tensor_model_parallel_size=2")
     initialize(cfg.parallel, cfg.seed)
-    evaluate.run(cfg, work / "run", evaluate.read_questions(work / "data" / "qa_val.jsonl"),
-                 work / "answers_tp2.jsonl", batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    evaluate.run(
+        cfg,
+        work / "run",
+        evaluate.read_questions(work / "data" / "qa_val.jsonl"),
+        work / "answers_tp2.jsonl",
+        batch_size=8,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
     timings["tp2_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    assert evaluate.main(["--checkpoint", str(work / "run"), "--questions", str(work / "data" / "qa_val.jsonl"),
-                          "--out", str(work / "answers_dp2.jsonl"), "--batch-size", "8",
-                          "--max-new-tokens", str(MAX_NEW_TOKENS), *command_line(work)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(work / "run"),
+                "--questions",
+                str(work / "data" / "qa_val.jsonl"),
+                "--out",
+                str(work / "answers_dp2.jsonl"),
+                "--batch-size",
+                "8",
+                "--max-new-tokens",
+                str(MAX_NEW_TOKENS),
+                *command_line(work),
+            ]
+        )
+        == 0
+    )
     timings["dp2_s"] = time.perf_counter() - start
     return {"timings": timings}
 

@@ -8,7 +8,7 @@ case adds (a deleted pointer, a truncated shard), the rerun, and whether the rer
 weights and optimizer state (training) or token files (preprocess) are bit-identical to an
 uninterrupted run's.
 """
-import importlib.util
+
 import json
 import os
 import shutil
@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import viq_megatron  # noqa: E402,F401
 from conftest import make_image, tiny_train_config  # noqa: E402
+
+import viq_megatron  # noqa: E402,F401
 
 HEAD = "model.head={subtoken_size: 32, pre_layers: 1, subtoken_layers: 1, subtoken_ffn_size: 64, post_blocks: 1}"
 STEPS = 4  # tiny_train_config's; saved at 2 and 4
@@ -81,10 +82,12 @@ def nth_call(n: int):
     def hit(*args, **kwargs):
         calls[0] += 1
         return calls[0] == n
+
     return hit
 
 
 # ---------------------------------------------------------------- training
+
 
 def train(out: Path, arm=None) -> None:
     from viq_megatron.training.trainer import Trainer
@@ -109,10 +112,12 @@ def training_points() -> dict:
     return {
         # Step 4's shards are on disk; trainer.pt and the completion mark are not. The pointer is
         # deleted as well: the rerun must find step 2 from the folders alone.
-        "save: shards written, pointer deleted": lambda: kill_at(checkpoint.dist_checkpointing, "save",
-                                                                 saving_step4, after=True),
-        "save: marked, not renamed": lambda: kill_at(checkpoint.os, "replace",
-                                                     lambda src, dst, *a, **k: str(src).endswith("step_000004.tmp")),
+        "save: shards written, pointer deleted": lambda: kill_at(
+            checkpoint.dist_checkpointing, "save", saving_step4, after=True
+        ),
+        "save: marked, not renamed": lambda: kill_at(
+            checkpoint.os, "replace", lambda src, dst, *a, **k: str(src).endswith("step_000004.tmp")
+        ),
         "save: renamed, pointer stale": lambda: kill_at(checkpoint.os, "replace", pointer_to_step4),
     }
 
@@ -122,8 +127,10 @@ def final_state(out: Path) -> dict:
 
     step = out / "checkpoints" / f"step_{STEPS:06d}"
     dcp_to_torch_save(step, out / "final.pt")
-    return {"checkpoint": torch.load(out / "final.pt", weights_only=False),
-            "trainer": torch.load(step / "trainer.pt", weights_only=True)}
+    return {
+        "checkpoint": torch.load(out / "final.pt", weights_only=False),
+        "trainer": torch.load(step / "trainer.pt", weights_only=True),
+    }
 
 
 def _leaves(tree):
@@ -160,7 +167,7 @@ def training_drill(work: Path) -> dict:
     shard = next((out / "checkpoints" / f"step_{STEPS:06d}").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     cases["shard truncated"] = (out, {"killed_rc": None})
-    for name, (out, case) in cases.items():
+    for out, case in cases.values():
         case["rerun_rc"] = forked(train, out)
         case["rerun_started_at_step"] = int((out / "started_at_step").read_text())
     return results, reference, cases
@@ -176,12 +183,6 @@ def compare_training(results: dict, reference: Path, cases: dict) -> dict:
 
 
 # ---------------------------------------------------------------- preprocess
-
-def preprocess_module():
-    spec = importlib.util.spec_from_file_location("preprocess_images", ROOT / "tools/preprocess_images.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_tools(work: Path) -> None:
@@ -200,26 +201,43 @@ def make_tools(work: Path) -> None:
 
 
 def run_preprocess(work: Path, out: Path, arm=None) -> int:
-    module = preprocess_module()
+    from viq_megatron.cli.preprocess import main
+
     if arm:
-        arm(module)
-    return module.main(["--input", str(work / "images"), "--tokenizer", str(work / "tok"), "--text-tokenizer",
-                        str(work / "sp.model"), "--out", str(out), "--shard-size", "2"])
+        arm()
+    return main(
+        [
+            "--input",
+            str(work / "images"),
+            "--tokenizer",
+            str(work / "tok"),
+            "--text-tokenizer",
+            str(work / "sp.model"),
+            "--out",
+            str(out),
+            "--shard-size",
+            "2",
+        ]
+    )
 
 
 def preprocess_points(out: Path) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    from viq_megatron import preprocess
     from viq_megatron.data import token_dataset
 
     return {  # 7 inputs in shards of 2: shards 0-3
-        "shard: half written": lambda m: kill_at(token_dataset.TokenDatasetWriter, "add", nth_call(3)),
-        "shard: written, not marked": lambda m: kill_at(
-            m.os, "replace", lambda src, dst, *a, **k: Path(dst).name == "shard_000001.json"),
-        "merge: appending shards": lambda m: kill_at(
-            IndexedDatasetBuilder, "add_index", lambda self, path, *a, **k: str(path).endswith("shard_000002")),
-        "merge: .bin in place, .idx not": lambda m: kill_at(
-            token_dataset.os, "replace", lambda src, dst, *a, **k: str(dst) == f"{out}.idx"),
+        "shard: half written": lambda: kill_at(token_dataset.TokenDatasetWriter, "add", nth_call(3)),
+        "shard: written, not marked": lambda: kill_at(
+            preprocess.os, "replace", lambda src, dst, *a, **k: Path(dst).name == "shard_000001.json"
+        ),
+        "merge: appending shards": lambda: kill_at(
+            IndexedDatasetBuilder, "add_index", lambda self, path, *a, **k: str(path).endswith("shard_000002")
+        ),
+        "merge: .bin in place, .idx not": lambda: kill_at(
+            token_dataset.os, "replace", lambda src, dst, *a, **k: str(dst) == f"{out}.idx"
+        ),
     }
 
 
@@ -251,8 +269,11 @@ def main() -> None:
     work, result_file = Path(sys.argv[1]), Path(sys.argv[2])
     start = time.perf_counter()
     training = training_drill(work)
-    results = {"preprocess": preprocess_drill(work), "training": compare_training(*training),
-               "total_s": time.perf_counter() - start}
+    results = {
+        "preprocess": preprocess_drill(work),
+        "training": compare_training(*training),
+        "total_s": time.perf_counter() - start,
+    }
     result_file.write_text(json.dumps(results, indent=1))
 
 

@@ -8,6 +8,7 @@
 
 argv[3]: work folder; argv[4:]: overrides for the discrete runs (token files, tokenizer).
 """
+
 import json
 import sys
 from pathlib import Path
@@ -48,8 +49,11 @@ if __name__ == "__main__":
         result = {
             "stage1": run(work / "stage1_pp", tp2pp2, work / "stage1_ref"),
             "discrete": run(work / "discrete_pp", [*discrete, *tp2pp2], work / "discrete_ref"),
-            "discrete_interleaved": run(work / "discrete_vpp", [
-                *discrete, *tp2pp2, "parallel.virtual_pipeline_model_parallel_size=2"], work / "discrete_ref"),
+            "discrete_interleaved": run(
+                work / "discrete_vpp",
+                [*discrete, *tp2pp2, "parallel.virtual_pipeline_model_parallel_size=2"],
+                work / "discrete_ref",
+            ),
         }
     if torch.distributed.get_rank() == 0:
         out.write_text(json.dumps(result))

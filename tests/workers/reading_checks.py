@@ -7,6 +7,7 @@ colours: images whose only content is a colour, questions whose answer is that c
     shuffled across questions; the discrete model answers once from offline codes, once online.
 bench: tools/bench_quality.py end to end at toy size (its continuous and discrete rows).
 """
+
 import json
 import random
 import sys
@@ -34,8 +35,14 @@ def write_colour_data(folder: Path) -> None:
     (folder / "images").mkdir(parents=True, exist_ok=True)
 
     def sample(name: str, colour: str, image: str) -> dict:
-        return {"id": name, "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": colour}]}
+        return {
+            "id": name,
+            "image": image,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the picture?"},
+                {"from": "gpt", "value": colour},
+            ],
+        }
 
     def image(name: str, rgb, size) -> str:
         Image.new("RGB", size, rgb).save(folder / "images" / f"{name}.png")
@@ -49,10 +56,11 @@ def write_colour_data(folder: Path) -> None:
         if k < 160:
             lines["train"].append(sample(f"t{k}", colour, image(f"t{k}", COLOURS[colour], size)))
         else:
-            held_out.append((f"v{k}", colour, image(f"v{k}", COLOURS[colour], size),
-                             image(f"blank{k}", (128, 128, 128), size)))
+            held_out.append(
+                (f"v{k}", colour, image(f"v{k}", COLOURS[colour], size), image(f"blank{k}", (128, 128, 128), size))
+            )
     for k, (name, colour, real, blank) in enumerate(held_out):
-        other = next(h for h in held_out[k + 1:] + held_out[:k] if h[1] != colour)
+        other = next(h for h in held_out[k + 1 :] + held_out[:k] if h[1] != colour)
         lines["real"].append(sample(name, colour, real))
         lines["blank"].append(sample(name, colour, blank))
         lines["shuffled"].append(sample(name, colour, other[2]))
@@ -69,18 +77,24 @@ def accuracy(results: list[dict]) -> float:
 def colours(work: Path) -> dict:
     import torch.distributed as dist
 
-    from tools.preprocess_images import preprocess
     from viq_megatron.data.conversations import read_conversations
     from viq_megatron.data.text import SentencePieceTokenizer
     from viq_megatron.evaluate import read_offline_questions, read_questions, run
+    from viq_megatron.preprocess import preprocess
     from viq_megatron.runtime.distributed import initialize
     from viq_megatron.tokenizer import ViQTokenizer
     from viq_megatron.training.trainer import Trainer
 
     data = work / "data"
-    settings = [f"data.train={data / 'train.jsonl'}", f"data.val={data / 'real.jsonl'}", f"train.steps={STEPS}",
-                f"train.save_every={STEPS}", "train.optimizer.lr=0.003", "train.optimizer.warmup_steps=10",
-                f"model.llm.tokenizer.sentencepiece_model={data / 'sp.model'}"]
+    settings = [
+        f"data.train={data / 'train.jsonl'}",
+        f"data.val={data / 'real.jsonl'}",
+        f"train.steps={STEPS}",
+        f"train.save_every={STEPS}",
+        "train.optimizer.lr=0.003",
+        "train.optimizer.warmup_steps=10",
+        f"model.llm.tokenizer.sentencepiece_model={data / 'sp.model'}",
+    ]
     cfg = tiny_train_config(work / "continuous", *settings, "train.stage=continuous", "train.freeze=[visual.encoder]")
     initialize(cfg.parallel, cfg.seed)
     if dist.get_rank() == 0:
@@ -97,30 +111,58 @@ def colours(work: Path) -> dict:
     projector_before = {n: p.detach().clone() for n, p in trainer.model[0].module.visual.projector.named_parameters()}
     trainer.train()
     module = trainer.model[0].module
-    result["frozen_encoder_unchanged"] = all(torch.equal(p, encoder_before[n])
-                                             for n, p in module.visual.encoder.named_parameters())
-    result["projector_trained"] = all(not torch.equal(p, projector_before[n])
-                                      for n, p in module.visual.projector.named_parameters())
+    result["frozen_encoder_unchanged"] = all(
+        torch.equal(p, encoder_before[n]) for n, p in module.visual.encoder.named_parameters()
+    )
+    result["projector_trained"] = all(
+        not torch.equal(p, projector_before[n]) for n, p in module.visual.projector.named_parameters()
+    )
     for split in ("real", "blank", "shuffled"):
-        answers = run(cfg, work / "continuous", read_questions(data / f"{split}.jsonl"), work / f"continuous_{split}.jsonl",
-                      batch_size=8, max_new_tokens=8)
+        answers = run(
+            cfg,
+            work / "continuous",
+            read_questions(data / f"{split}.jsonl"),
+            work / f"continuous_{split}.jsonl",
+            batch_size=8,
+            max_new_tokens=8,
+        )
         result[f"continuous_{split}"] = accuracy(answers) if answers else None
 
     tok = ViQTokenizer.load(data / "tok")
     for name in ("train", "real", "blank", "shuffled"):
         preprocess(list(read_conversations(data / f"{name}.jsonl")), tok, text, work / "tokens" / name)
     # Codes of an untrained head separate the colours less cleanly than encoder features: more steps.
-    discrete = tiny_train_config(work / "discrete", *settings, f"train.steps={3 * STEPS}",
-                                 f"train.save_every={3 * STEPS}", HEAD, "train.stage=discrete", "train.freeze=[visual.head]",
-                                 f"model.viq_tokenizer={data / 'tok'}", f"data.train={work / 'tokens/train'}",
-                                 f"data.val={work / 'tokens/real'}")
+    discrete = tiny_train_config(
+        work / "discrete",
+        *settings,
+        f"train.steps={3 * STEPS}",
+        f"train.save_every={3 * STEPS}",
+        HEAD,
+        "train.stage=discrete",
+        "train.freeze=[visual.head]",
+        f"model.viq_tokenizer={data / 'tok'}",
+        f"data.train={work / 'tokens/train'}",
+        f"data.val={work / 'tokens/real'}",
+    )
     Trainer(discrete).train()
     for split in ("real", "blank", "shuffled"):
-        answers = run(discrete, work / "discrete", read_offline_questions(work / "tokens" / split, text),
-                      work / f"discrete_{split}.jsonl", batch_size=8, max_new_tokens=8)
+        answers = run(
+            discrete,
+            work / "discrete",
+            read_offline_questions(work / "tokens" / split, text),
+            work / f"discrete_{split}.jsonl",
+            batch_size=8,
+            max_new_tokens=8,
+        )
         result[f"discrete_{split}"] = accuracy(answers) if answers else None
-    online = run(discrete, work / "discrete", read_questions(data / "real.jsonl"), work / "discrete_online.jsonl",
-                 batch_size=8, max_new_tokens=8)
+    online = run(
+        discrete,
+        work / "discrete",
+        read_questions(data / "real.jsonl"),
+        work / "discrete_online.jsonl",
+        batch_size=8,
+        max_new_tokens=8,
+    )
     if online:
         offline = [json.loads(line) for line in (work / "discrete_real.jsonl").read_text().splitlines()]
         result["online_answers"] = [r["answer"] for r in online]
@@ -130,14 +172,38 @@ def colours(work: Path) -> dict:
 
 def bench(work: Path) -> dict:
     """The bench at toy size, on the colour runs above as its stage-1 run and tokenizer."""
-    from tools.bench_quality import main
+    from viq_megatron.cli.bench_quality import main
 
-    overrides = [*TINY_TRAIN, HEAD, "model.head.quantizer=fsq", "data.embedded.train_scenes=12",
-                 "data.embedded.val_scenes=3", "data.image.max_pixels=4096", "data.seq_length=512",
-                 "train.steps=4", "train.save_every=2", "train.eval_every=0"]
-    main(["--config", str(Path(__file__).resolve().parents[2] / "examples/bench_quality_tiny_cpu.yaml"),
-          "--stage1", str(work / "continuous"), "--linf", str(work / "continuous"), "--tokenizer",
-          str(work / "data" / "tok"), "--rows", "continuous", "discrete", "--out", str(work / "bench"), *overrides])
+    overrides = [
+        *TINY_TRAIN,
+        HEAD,
+        "model.head.quantizer=fsq",
+        "data.embedded.train_scenes=12",
+        "data.embedded.val_scenes=3",
+        "data.image.max_pixels=4096",
+        "data.seq_length=512",
+        "train.steps=4",
+        "train.save_every=2",
+        "train.eval_every=0",
+    ]
+    main(
+        [
+            "--config",
+            str(Path(__file__).resolve().parents[2] / "examples/bench_quality_tiny_cpu.yaml"),
+            "--stage1",
+            str(work / "continuous"),
+            "--linf",
+            str(work / "continuous"),
+            "--tokenizer",
+            str(work / "data" / "tok"),
+            "--rows",
+            "continuous",
+            "discrete",
+            "--out",
+            str(work / "bench"),
+            *overrides,
+        ]
+    )
     return {}
 
 

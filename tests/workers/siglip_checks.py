@@ -3,6 +3,7 @@ transformers reference, then stage 1 started from the import (`model.encoder.ini
 
 argv: the native- and fixed-resolution folders (ours/, reference.pt), the result JSON, a work folder.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def imported_weights_equal(module, weights: dict, prefix: str) -> bool:
     from viq_megatron.models.sharding import full_state_dict
 
     full = full_state_dict(module)
-    return all(torch.equal(full[k[len(prefix):]], v) for k, v in weights.items() if k.startswith(prefix))
+    return all(torch.equal(full[k[len(prefix) :]], v) for k, v in weights.items() if k.startswith(prefix))
 
 
 if __name__ == "__main__":
@@ -48,12 +49,20 @@ if __name__ == "__main__":
         result[f"{resolution}_tp2_pooled"] = (pooled - ref["pooled"]).abs().max().item()
 
     weights = load_file(str(native / "ours/model.safetensors"))
-    trainer = Trainer(tiny_train_config(work / "stage1", *encoder_overrides(native / "ours", 4),
-                                        "parallel.tensor_model_parallel_size=2", "train.steps=2"))
+    trainer = Trainer(
+        tiny_train_config(
+            work / "stage1",
+            *encoder_overrides(native / "ours", 4),
+            "parallel.tensor_model_parallel_size=2",
+            "train.steps=2",
+        )
+    )
     visual = trainer.stage.chunks[0].visual
-    result.update(student_starts_imported=imported_weights_equal(visual.encoder, weights, "encoder."),
-                  teacher_is_imported=imported_weights_equal(visual.teacher, weights, "encoder."),
-                  has_pooling=visual.pooling is not None)
+    result.update(
+        student_starts_imported=imported_weights_equal(visual.encoder, weights, "encoder."),
+        teacher_is_imported=imported_weights_equal(visual.teacher, weights, "encoder."),
+        has_pooling=visual.pooling is not None,
+    )
     trainer.train()
     lines = [json.loads(l) for l in (work / "stage1/metrics.jsonl").read_text().splitlines()]
     result["losses"] = [l["loss"] for l in lines if l["split"] == "train"]

@@ -2,15 +2,15 @@
 
 Writes the measured differences as JSON to argv[1]; the test asserts on them.
 """
+
 import json
 import sys
 from pathlib import Path
 
 import torch
-
-import viq_megatron  # noqa: F401
 from megatron.core import parallel_state, tensor_parallel
 
+import viq_megatron  # noqa: F401
 from viq_megatron.config import load_config
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
@@ -48,8 +48,10 @@ def main(out_path: str, image_dir: str) -> None:
     split, _ = build_encoder(cfg2)
     load_full_state_dict(split, full_weights)
     out = forward_backward(split, packed, projection)
-    grad_diff = {n: ((gather_full(p, p.grad) - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item()
-                 for n, p in split.named_parameters()}
+    grad_diff = {
+        n: ((gather_full(p, p.grad) - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item()
+        for n, p in split.named_parameters()
+    }
     split_params = [n for n, p in split.named_parameters() if getattr(p, "tensor_model_parallel", False)]
 
     # RNG tracker on CPU: a fork gives each TP rank its own stream; outside it ranks agree.
@@ -63,14 +65,19 @@ def main(out_path: str, image_dir: str) -> None:
 
     head_result = head_parity(image_dir)
     if torch.distributed.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({**head_result,
-            "output_max_diff": (out - ref_out).abs().max().item(),
-            "output_scale": ref_out.abs().max().item(),
-            "grad_relative_diff": grad_diff,
-            "split_params": split_params,
-            "forked_streams_differ": not torch.equal(*gathered_forked),
-            "shared_stream_agrees": torch.equal(*gathered_shared),
-        }))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    **head_result,
+                    "output_max_diff": (out - ref_out).abs().max().item(),
+                    "output_scale": ref_out.abs().max().item(),
+                    "grad_relative_diff": grad_diff,
+                    "split_params": split_params,
+                    "forked_streams_differ": not torch.equal(*gathered_forked),
+                    "shared_stream_agrees": torch.equal(*gathered_shared),
+                }
+            )
+        )
 
 
 def head_parity(image_dir: str) -> dict:
@@ -104,9 +111,15 @@ def head_parity(image_dir: str) -> dict:
     low = fsq.level_digits(fsq.codes_to_indices(fsq(z1 - tau)))
     high = fsq.level_digits(fsq.codes_to_indices(fsq(z1 + tau)))
     parallel_state.destroy_model_parallel()
-    return {"head_z_max_diff": tau.item(), "head_feature_max_diff": (features2 - features1).abs().max().item(),
-            "head_codes_consistent": bool(((digits >= low) & (digits <= high)).all()),
-            "head_codes_equal_fraction": (fsq.codes_to_indices(fsq(z2)) == fsq.codes_to_indices(fsq(z1))).float().mean().item()}
+    return {
+        "head_z_max_diff": tau.item(),
+        "head_feature_max_diff": (features2 - features1).abs().max().item(),
+        "head_codes_consistent": bool(((digits >= low) & (digits <= high)).all()),
+        "head_codes_equal_fraction": (fsq.codes_to_indices(fsq(z2)) == fsq.codes_to_indices(fsq(z1)))
+        .float()
+        .mean()
+        .item(),
+    }
 
 
 if __name__ == "__main__":

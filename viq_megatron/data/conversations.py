@@ -8,12 +8,13 @@ Each `<image>` placeholder takes the next image. Image paths resolve under the d
 root; one that escapes it is refused unless allowed. A malformed sample is a
 `SampleError` naming the file and the sample's index.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from viq_megatron.data.text import IMAGE_PLACEHOLDER, Turn
 from viq_megatron.runtime.errors import InputError, parse_json, read_text
@@ -48,8 +49,9 @@ def _image_entries(raw) -> list[str]:
     return paths
 
 
-def parse_sample(raw, root: Path, allow_outside_root: bool,
-                 questions: bool = False) -> tuple[tuple[Turn, ...], tuple[Path, ...]]:
+def parse_sample(
+    raw, root: Path, allow_outside_root: bool, questions: bool = False
+) -> tuple[tuple[Turn, ...], tuple[Path, ...]]:
     """Validates one raw sample; raises ValueError with the problem (without file/index).
     `questions`: a question file (evaluation): the answer is optional, and LLaVA's evaluation
     format {"question_id", "image", "text"} is read as one human turn."""
@@ -84,16 +86,18 @@ def parse_sample(raw, root: Path, allow_outside_root: bool,
     for image in images:
         path = Path(os.path.realpath(root / image))
         if not allow_outside_root and os.path.commonpath([root_real, path]) != root_real:
-            raise ValueError(f"image path {image!r} escapes the dataset root {root} "
-                             "(set data.allow_outside_root to allow)")
+            raise ValueError(
+                f"image path {image!r} escapes the dataset root {root} (set data.allow_outside_root to allow)"
+            )
         if not path.is_file():
             raise ValueError(f"image file {image!r} not found under {root}")
         resolved.append(path)
     return tuple(turns), tuple(resolved)
 
 
-def read_conversations(path: str | Path, root: str | Path | None = None, allow_outside_root: bool = False,
-                       questions: bool = False) -> Iterator[Sample | SampleError]:
+def read_conversations(
+    path: str | Path, root: str | Path | None = None, allow_outside_root: bool = False, questions: bool = False
+) -> Iterator[Sample | SampleError]:
     """Yields each sample, or a SampleError in its place; never stops early on a bad sample. A
     file that cannot be read at all is an InputError. `questions`: read a question file (see parse_sample)."""
     path = Path(path)

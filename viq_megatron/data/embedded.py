@@ -4,12 +4,17 @@ No downloads: scikit-image, scikit-learn and matplotlib carry these files in the
 wheels (mostly public domain; scikit-learn's two are CC-BY). Found by path, so the
 files are read exactly as they ship.
 """
+
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 from viq_megatron.config import EmbeddedDataConfig
+from viq_megatron.data.scenes import render_scene, scene_split
 
 # (package, path inside the package) -> a short caption, written by hand.
 SHIPPED_PHOTOS: dict[tuple[str, str], str] = {
@@ -40,14 +45,20 @@ def shipped_photos() -> list[Path]:
         if path.is_file():
             paths.append(path)
     if not paths:
-        raise FileNotFoundError("no embedded photos found: install the data extra "
-                                "(scikit-image, scikit-learn, matplotlib) or set data.images")
+        raise FileNotFoundError(
+            "no embedded photos found: install the data extra "
+            "(scikit-image, scikit-learn, matplotlib) or set data.images"
+        )
     return paths
 
 
 # Prompts for the embedded dataset's captions, cycled deterministically.
-CAPTION_PROMPTS = ("Describe the image.", "What do you see in this picture?", "Write a short caption.",
-                   "Describe this image in one or two sentences.")
+CAPTION_PROMPTS = (
+    "Describe the image.",
+    "What do you see in this picture?",
+    "Write a short caption.",
+    "Describe this image in one or two sentences.",
+)
 # The last shipped photos are held out for validation.
 VALIDATION_PHOTOS = 3
 
@@ -66,12 +77,6 @@ def write_embedded_dataset(out_dir: str | Path, sizes: EmbeddedDataConfig, seed:
     photo `sizes.photo_repeats` times); validation samples carry the caption alone, so
     validation loss is a caption loss. Deterministic; a complete earlier write is reused.
     """
-    import json
-    import os
-    import shutil
-
-    from viq_megatron.data.scenes import render_scene, scene_split
-
     out = Path(out_dir)
     train_file, val_file = out / "train.jsonl", out / "val.jsonl"
     stamp = out / "COMPLETE"
@@ -95,7 +100,9 @@ def write_embedded_dataset(out_dir: str | Path, sizes: EmbeddedDataConfig, seed:
         shutil.copyfile(photo, out / name)
         split = "val" if k >= len(photos) - VALIDATION_PHOTOS else "train"
         repeats = sizes.photo_repeats if split == "train" else 1
-        splits[split] += [_conversation(name, CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[photo.name])] * repeats
+        splits[split] += [
+            _conversation(name, CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[photo.name])
+        ] * repeats
     for file, split in ((train_file, "train"), (val_file, "val")):
         tmp = file.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(s) + "\n" for s in splits[split]))

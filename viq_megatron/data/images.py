@@ -4,13 +4,13 @@ An image keeps its aspect ratio. It is scaled only to fit the [min_pixels, max_p
 budget, and each side is snapped to a multiple of the patch size. Anything that cannot
 be read is an `ImageError` whose one line names the file and the problem.
 """
+
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from viq_megatron.config import ImageConfig
 from viq_megatron.runtime.errors import InputError
 
-ImageSource = Union[str, os.PathLike, Image.Image]
+ImageSource = str | os.PathLike | Image.Image
 
 
 class ImageError(InputError):
@@ -43,6 +43,7 @@ class NativeImage:
 def native_size(width: int, height: int, patch: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) with the aspect ratio kept, area in [min_pixels, max_pixels] where the
     patch grid allows, each side a positive multiple of `patch`."""
+
     def snap(side: float, rounding) -> int:
         return max(patch, int(rounding(side / patch)) * patch)
 
@@ -117,24 +118,28 @@ def patchify(image: Image.Image, patch: int, mean: list[float], std: list[float]
     array = (array - torch.tensor(mean)) / torch.tensor(std)
     height, width, _ = array.shape
     grid_h, grid_w = height // patch, width // patch
-    return (array.reshape(grid_h, patch, grid_w, patch, 3)
-            .permute(0, 2, 1, 3, 4)
-            .reshape(grid_h * grid_w, patch * patch * 3))
+    return (
+        array.reshape(grid_h, patch, grid_w, patch, 3)
+        .permute(0, 2, 1, 3, 4)
+        .reshape(grid_h * grid_w, patch * patch * 3)
+    )
 
 
 def to_native(image: Image.Image, rules: ImageConfig, patch: int, source: str) -> NativeImage:
     """An RGB image resized to its native-resolution grid and cut into patches."""
     width, height = native_size(image.width, image.height, patch, rules.min_pixels, rules.max_pixels)
     resized = image if (width, height) == image.size else image.resize((width, height), Image.Resampling.BICUBIC)
-    return NativeImage(patchify(resized, patch, rules.mean, rules.std), (height // patch, width // patch), source,
-                       image.size)
+    return NativeImage(
+        patchify(resized, patch, rules.mean, rules.std), (height // patch, width // patch), source, image.size
+    )
 
 
 def to_square(image: Image.Image, side: int, rules: ImageConfig, patch: int, source: str) -> NativeImage:
     """The fixed-resolution view a classic (non-native) encoder sees: squashed to side x side."""
     resized = image.resize((side, side), Image.Resampling.BICUBIC)
-    return NativeImage(patchify(resized, patch, rules.mean, rules.std), (side // patch, side // patch), source,
-                       image.size)
+    return NativeImage(
+        patchify(resized, patch, rules.mean, rules.std), (side // patch, side // patch), source, image.size
+    )
 
 
 def load_native_image(source: ImageSource, rules: ImageConfig, patch: int) -> NativeImage:
@@ -174,8 +179,12 @@ def find_images(entries: list[str], allow_outside: bool = False) -> list[Path | 
             if path.is_symlink() and not os.path.exists(target):
                 found.append(ImageError(f"{path}: dangling symbolic link (to {os.readlink(path)})"))
             elif not allow_outside and os.path.commonpath([real_folder, target]) != real_folder:
-                found.append(ImageError(f"{path}: symbolic link out of {folder} (to {target}); "
-                                        "allow links outside the folder to read it"))
+                found.append(
+                    ImageError(
+                        f"{path}: symbolic link out of {folder} (to {target}); "
+                        "allow links outside the folder to read it"
+                    )
+                )
             elif os.path.isfile(target):
                 found.append(path)
     return found

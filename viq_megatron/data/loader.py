@@ -6,6 +6,7 @@ rows arrive pinned, so their copies to the GPU do not block the host. The rows a
 stay a pure function of (seed, step): a resumed run starts the loader at its step and reads
 exactly what an uninterrupted run read.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -14,7 +15,8 @@ import multiprocessing
 import multiprocessing.util  # noqa: F401 - its exit handler (which terminates workers) must run after ours
 import os
 import signal
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -33,30 +35,50 @@ class StepRows(Sampler[int]):
             yield from self.rows_of_step(step)
 
 
-# Set when the training process exits; its workers inherit it.
-_main_exiting = multiprocessing.Event()
-atexit.register(_main_exiting.set)
+# Set when the training process exits; its workers get it. Made, and its exit handler
+# registered, by the first loader with workers (not at import).
+_main_exiting = None
 
 
-def _stop_signals_to_the_main_process(worker_id: int) -> None:
+def _exit_flag():
+    """The event set when this process exits: made, and registered with `atexit`, once."""
+    global _main_exiting
+    if _main_exiting is None:
+        _main_exiting = multiprocessing.Event()
+        atexit.register(_main_exiting.set)
+    return _main_exiting
+
+
+def _stop_signals_to_the_main_process(main_exiting, worker_id: int) -> None:
     """Slurm signals every process of a job (SIGTERM on preemption, SIGUSR1 before the time
     limit): the training process finishes its step and saves, so a worker must not die first
     (torch would fail the step). A SIGTERM once the training process is exiting is its own
     shutdown of the workers, and ends the worker."""
+
     def on_sigterm(signum, frame):
-        if _main_exiting.is_set():
+        if main_exiting.is_set():
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def row_loader(dataset: Dataset, rows_of_step: Callable[[int], list[int]], start: int, workers: int,
-               prefetch: int) -> Iterator[PackedBatch]:
+def row_loader(
+    dataset: Dataset, rows_of_step: Callable[[int], list[int]], start: int, workers: int, prefetch: int
+) -> Iterator[PackedBatch]:
     """Batches of rows `rows_of_step(start)`, then of the next steps; `workers` 0 builds them here."""
     # The HF tokenizer's own threads must not be forked into the workers (its documented remedy).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return iter(DataLoader(dataset, batch_size=None, sampler=StepRows(rows_of_step, start), num_workers=workers,
-                           prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
-                           persistent_workers=False,
-                           worker_init_fn=_stop_signals_to_the_main_process if workers else None))
+    init = partial(_stop_signals_to_the_main_process, _exit_flag()) if workers else None
+    return iter(
+        DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=StepRows(rows_of_step, start),
+            num_workers=workers,
+            prefetch_factor=prefetch if workers else None,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            worker_init_fn=init,
+        )
+    )

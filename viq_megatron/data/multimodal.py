@@ -10,24 +10,27 @@ packing, so a row never overflows.
 The order of packed rows is a pure function of (seed, row index): resuming at step N
 reads exactly the rows an uninterrupted run would have read.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from viq_megatron.config import AugmentConfig, ImageConfig
+from viq_megatron.data.code_layout import patch_major
 from viq_megatron.data.conversations import Sample
 from viq_megatron.data.images import ImageError, NativeImage, native_patch_count, open_rgb, to_native, to_square
 from viq_megatron.data.packing import PackedImages, greedy_pack
 from viq_megatron.data.text import TextTokenizer, tokenize_conversation
+from viq_megatron.data.token_dataset import ANSWER, CODES, FEATURES, GRID, TokenDataset, features_from_int32
 from viq_megatron.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -65,9 +68,15 @@ def augmented(image: Image.Image, augment: AugmentConfig, rng: random.Random) ->
     return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else view
 
 
-def encode_sample(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                  teacher_side: int | None, generation_prompt: bool = False,
-                  augment: tuple[AugmentConfig, random.Random] | None = None) -> EncodedSample:
+def encode_sample(
+    sample: Sample,
+    tokenizer: TextTokenizer,
+    rules: ImageConfig,
+    patch: int,
+    teacher_side: int | None,
+    generation_prompt: bool = False,
+    augment: tuple[AugmentConfig, random.Random] | None = None,
+) -> EncodedSample:
     """Decodes the sample's images and lays out its tokens; raises ImageError for a bad image.
     `teacher_side`: also the fixed-resolution square view (stage 1's teacher), else None.
     `generation_prompt`: lay out the conversation only up to where the next answer starts.
@@ -76,8 +85,11 @@ def encode_sample(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, 
     if augment is not None:
         decoded = [augmented(image, *augment) for image in decoded]
     images = [to_native(im, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
-    teacher = [] if teacher_side is None else [
-        to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
+    teacher = (
+        []
+        if teacher_side is None
+        else [to_square(im, teacher_side, rules, patch, str(path)) for im, path in zip(decoded, sample.images)]
+    )
     ids, flags, slots = [], [], []
     for piece in tokenize_conversation(tokenizer, sample.turns, generation_prompt).pieces:
         if piece[0] == "image":
@@ -100,7 +112,7 @@ def sample_length(sample: Sample, tokenizer: TextTokenizer, rules: ImageConfig, 
 @dataclass
 class PackedBatch:
     tokens: torch.Tensor  # [T] int64
-    labels: torch.Tensor  # [T] int64: the next token within the same sample
+    labels: torch.Tensor | None  # [T] int64: the next token within the same sample (None: logits wanted)
     loss_mask: torch.Tensor  # [T] float: 1 where the label is an assistant token
     position_ids: torch.Tensor  # [T] int64, restarting at 0 for each sample
     cu_seqlens: torch.Tensor  # [samples + 1] int32
@@ -112,20 +124,21 @@ class PackedBatch:
     features: torch.Tensor | None = None  # cached-features path: [V, width] bf16 encoder tokens, same order
     skipped: list[str] = field(default_factory=list)  # samples of this row that could not be read, and why
 
-    def pin_memory(self) -> "PackedBatch":
+    def pin_memory(self) -> PackedBatch:
         """Page-locked copies (the DataLoader calls this in its pinning thread): the copies to the
         GPU then run without blocking the host."""
+
         def pinned(images: PackedImages | None) -> PackedImages | None:
             return None if images is None else dataclasses.replace(images, patches=images.patches.pin_memory())
 
-        tensors = {f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                   if torch.is_tensor(getattr(self, f.name))}
-        return dataclasses.replace(self, **tensors, images=pinned(self.images),
-                                   teacher_images=pinned(self.teacher_images))
-
-    @property
-    def max_seqlen(self) -> int:
-        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        tensors = {
+            f.name: getattr(self, f.name).pin_memory()
+            for f in dataclasses.fields(self)
+            if torch.is_tensor(getattr(self, f.name))
+        }
+        return dataclasses.replace(
+            self, **tensors, images=pinned(self.images), teacher_images=pinned(self.teacher_images)
+        )
 
     @property
     def num_loss_tokens(self) -> int:
@@ -177,9 +190,10 @@ class PackedRows:
                 random.Random(f"{self.seed}-{epoch}").shuffle(order)
             rows = []
             for start in range(0, len(order), PACKING_WINDOW):
-                window = order[start:start + PACKING_WINDOW]
-                rows += [[window[i] for i in row]
-                         for row in greedy_pack([self.lengths[i] for i in window], self.seq_length)]
+                window = order[start : start + PACKING_WINDOW]
+                rows += [
+                    [window[i] for i in row] for row in greedy_pack([self.lengths[i] for i in window], self.seq_length)
+                ]
             self._epochs = {epoch: rows}  # one epoch in memory is enough for sequential reads
         return self._epochs[epoch]
 
@@ -205,9 +219,18 @@ class PackedConversationDataset(PackedRows):
     `skipped`, never silently dropped.
     """
 
-    def __init__(self, samples: Sequence[Sample], tokenizer: TextTokenizer, rules: ImageConfig, patch: int,
-                 seq_length: int, teacher_side: int | None, seed: int, shuffle: bool = True,
-                 augment: AugmentConfig | None = None):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer: TextTokenizer,
+        rules: ImageConfig,
+        patch: int,
+        seq_length: int,
+        teacher_side: int | None,
+        seed: int,
+        shuffle: bool = True,
+        augment: AugmentConfig | None = None,
+    ):
         self.tokenizer, self.rules, self.patch, self.teacher_side = tokenizer, rules, patch, teacher_side
         self.augment = augment if augment is not None and augment.active else None
         self.skipped: list[str] = []
@@ -241,8 +264,11 @@ class PackedConversationDataset(PackedRows):
             # A view depends on (seed, row, place in the row) only: a resumed run sees the same pixels.
             augment = None if self.augment is None else (self.augment, random.Random(f"{self.seed}-{row}-{k}"))
             try:
-                encoded.append(encode_sample(self.samples[i], self.tokenizer, self.rules, self.patch,
-                                             self.teacher_side, augment=augment))
+                encoded.append(
+                    encode_sample(
+                        self.samples[i], self.tokenizer, self.rules, self.patch, self.teacher_side, augment=augment
+                    )
+                )
             except ImageError as e:
                 skipped.append(f"{self.samples[i].source}: {e}")
                 log.warning("skipped sample %s", skipped[-1])
@@ -256,27 +282,30 @@ class PackedTokenDataset(PackedRows):
     width, written by tools/preprocess_images.py) packed into rows exactly as
     PackedConversationDataset packs the same samples: no image is decoded."""
 
-    def __init__(self, prefix: str, seq_length: int, seed: int, shuffle: bool = True,
-                 feature_width: int | None = None):
-        from viq_megatron.data.token_dataset import CODES, FEATURES, GRID, TokenDataset
-
+    def __init__(self, prefix: str, seq_length: int, seed: int, shuffle: bool = True, feature_width: int | None = None):
         self.data, self.prefix, self.feature_width = TokenDataset(prefix), prefix, feature_width
         self.skipped: list[str] = []
         index = self.data.data.index
         sizes, modes = index.sequence_lengths.astype("int64"), index.sequence_modes
         if feature_width is None and (modes == FEATURES).any():
-            raise InputError(f"{prefix}: holds encoder features (preprocess_images.py --features), which the cached "
-                             "stage reads; this stage reads ViQ codes")
+            raise InputError(
+                f"{prefix}: holds encoder features (preprocess_images.py --features), which the cached "
+                "stage reads; this stage reads ViQ codes"
+            )
         if feature_width is not None and (modes == CODES).any():
-            raise InputError(f"{prefix}: holds ViQ codes, which the discrete stage reads; the cached stage reads "
-                             "encoder features (preprocess_images.py --features)")
+            raise InputError(
+                f"{prefix}: holds ViQ codes, which the discrete stage reads; the cached stage reads "
+                "encoder features (preprocess_images.py --features)"
+            )
         # Lengths from the index alone (no token is read): text tokens + one slot per patch, whose
         # 4 codes, or width bf16 features (two per int32), the files hold.
         per_patch = 4 if feature_width is None else feature_width // 2
         visual = (modes == CODES) | (modes == FEATURES)
         if feature_width is not None and (sizes[visual] % per_patch).any():
-            raise InputError(f"{prefix}: encoder features of another width than the model's encoder "
-                             f"({feature_width}; written with another tokenizer?)")
+            raise InputError(
+                f"{prefix}: encoder features of another width than the model's encoder "
+                f"({feature_width}; written with another tokenizer?)"
+            )
         per_sequence = np.where(visual, sizes // per_patch, np.where(modes == GRID, 0, sizes))
         bounds = self.data.documents
         totals = np.add.reduceat(per_sequence, bounds[:-1]) if len(per_sequence) else np.zeros(0, "int64")
@@ -295,17 +324,18 @@ class PackedTokenDataset(PackedRows):
         super().__init__(lengths, seq_length, seed, shuffle)
 
     def __getitem__(self, row: int) -> PackedBatch:
-        return pack_samples([offline_sample(self.data[self.indices[i]], f"{self.prefix}:{self.indices[i]}",
-                                            self.feature_width) for i in self.row_indices(row)])
+        return pack_samples(
+            [
+                offline_sample(self.data[self.indices[i]], f"{self.prefix}:{self.indices[i]}", self.feature_width)
+                for i in self.row_indices(row)
+            ]
+        )
 
 
 def offline_sample(sample, source: str, feature_width: int | None = None) -> EncodedSample:
     """A TokenSample (text tokens, patch grids and ViQ codes, or encoder features of
     `feature_width`) laid out as `encode_sample` lays out its conversation: one slot per patch,
     codes [patches, 4] (or features [patches, width]) per image, loss flags on answers."""
-    from viq_megatron.data.token_dataset import ANSWER, CODES, FEATURES, GRID, features_from_int32
-    from viq_megatron.models.pixel_decoder import patch_major
-
     ids, flags, slots, codes, features = [], [], [], [], []
     grid = None
     for mode, seq in sample.segments:

@@ -3,10 +3,11 @@
 Images of many sizes share one encoder sequence; `cu_seqlens` marks where each image
 starts, and attention never crosses those boundaries.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -35,6 +36,11 @@ def greedy_pack(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence of a pack bounded by `cu_seqlens` (reads it on the host)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 @dataclass
 class PackedImages:
     """Several native-resolution images in one sequence of patches."""
@@ -45,7 +51,7 @@ class PackedImages:
     sources: list[str]
 
     @classmethod
-    def from_images(cls, images: Sequence[NativeImage]) -> "PackedImages":
+    def from_images(cls, images: Sequence[NativeImage]) -> PackedImages:
         lengths = torch.tensor([0] + [im.num_patches for im in images])
         return cls(
             patches=torch.cat([im.patches for im in images]),
@@ -64,11 +70,12 @@ class PackedImages:
 
     @property
     def max_seqlen(self) -> int:
-        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return max_seqlen(self.cu_seqlens)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedImages":
-        return PackedImages(self.patches.to(device=device, dtype=dtype), self.grids, self.cu_seqlens.to(device),
-                            self.sources)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedImages:
+        return PackedImages(
+            self.patches.to(device=device, dtype=dtype), self.grids, self.cu_seqlens.to(device), self.sources
+        )
 
     def split(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Per-image views of a [total_patches, ...] tensor."""

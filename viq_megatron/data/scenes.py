@@ -5,6 +5,7 @@ every count, colour, word and relative position in a caption or answer is read o
 parameters the image was drawn from. Shapes are drawn without antialiasing, so each object's
 pixels are exactly its named colour; only the rendered word or number is antialiased.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,28 @@ COLOURS: dict[str, RGB] = {
 OBJECT_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "white", "black")
 BACKGROUND_COLOURS = ("grey", "white", "black", "beige", "navy", "light blue", "dark green")
 SHAPES = ("circle", "square", "rectangle", "triangle", "star")
-WORDS = ("CAT", "DOG", "SUN", "SKY", "TREE", "BOOK", "STOP", "GO", "HELLO", "FISH", "MOON", "BIRD",
-         "RAIN", "BOAT", "HOME", "CAKE", "KING", "JAZZ", "MAP", "OK")
+WORDS = (
+    "CAT",
+    "DOG",
+    "SUN",
+    "SKY",
+    "TREE",
+    "BOOK",
+    "STOP",
+    "GO",
+    "HELLO",
+    "FISH",
+    "MOON",
+    "BIRD",
+    "RAIN",
+    "BOAT",
+    "HOME",
+    "CAKE",
+    "KING",
+    "JAZZ",
+    "MAP",
+    "OK",
+)
 MIN_SIDE, MAX_SIDE = 96, 448
 # An object's side as a share of sqrt(image area): large enough to span a few 16x16 patches once a
 # scene is resized to a CPU run's budget (e.g. 128x128 pixels).
@@ -87,8 +108,17 @@ class Question:
 
 
 # What the questions ask about: colours, shapes, counts, relative positions, text in the image.
-QUESTION_KINDS = ("background", "colour", "shape", "count", "count_colour", "position", "text_presence", "text",
-                  "text_colour")
+QUESTION_KINDS = (
+    "background",
+    "colour",
+    "shape",
+    "count",
+    "count_colour",
+    "position",
+    "text_presence",
+    "text",
+    "text_colour",
+)
 
 
 @dataclass(frozen=True)
@@ -131,8 +161,15 @@ def render_scene(index: int, seed: int = 0) -> Scene:
     caption = _caption(groups, text, background, relation)
     questions = _questions(rng, groups, text, background, relations)
     qa = tuple((q.question, q.answer) for q in rng.sample(questions, rng.randint(2, 4)))
-    return Scene(image=image, caption=caption, qa=qa, objects=tuple(objects), text=text, background=background,
-                 questions=questions)
+    return Scene(
+        image=image,
+        caption=caption,
+        qa=qa,
+        objects=tuple(objects),
+        text=text,
+        background=background,
+        questions=questions,
+    )
 
 
 def scene_split(num_train: int, num_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -140,8 +177,10 @@ def scene_split(num_train: int, num_val: int, seed: int = 0) -> tuple[list[int],
     the train set never changes the val set. The split is the same for every `seed`: the
     seed changes what an index renders, not which split the index is in."""
     if not 0 <= num_train <= VAL_START or num_val < 0:
-        raise ValueError(f"scene_split: need 0 <= num_train <= {VAL_START} and num_val >= 0, "
-                         f"got num_train={num_train}, num_val={num_val}")
+        raise ValueError(
+            f"scene_split: need 0 <= num_train <= {VAL_START} and num_val >= 0, "
+            f"got num_train={num_train}, num_val={num_val}"
+        )
     return list(range(num_train)), list(range(VAL_START, VAL_START + num_val))
 
 
@@ -156,8 +195,9 @@ def _pick_background(rng: random.Random) -> tuple[str, ...]:
     return first, rng.choice([c for c in BACKGROUND_COLOURS if _distance(c, first) >= _MIN_TONE_CONTRAST])
 
 
-def _draw_objects(rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int,
-                  colours: list[str]) -> list[SceneObject]:
+def _draw_objects(
+    rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int, colours: list[str]
+) -> list[SceneObject]:
     """1 to 5 objects in 1 to 3 (colour, shape) groups of distinct colours (so a colour names a
     group); an object that finds no free spot is left out."""
     kinds: list[tuple[str, str]] = []
@@ -213,21 +253,24 @@ def _shape_outline(rng: random.Random, shape: str, size: int) -> tuple[int, int,
     return max(x for x, _ in polygon) + 1, max(y for _, y in polygon) + 1, polygon
 
 
-def _free_spot(rng: random.Random, width: int, height: int, box_w: int, box_h: int,
-               taken: list[Box]) -> tuple[int, int] | None:
+def _free_spot(
+    rng: random.Random, width: int, height: int, box_w: int, box_h: int, taken: list[Box]
+) -> tuple[int, int] | None:
     """A top-left corner where a box_w x box_h box fits inside the image, clear of `taken`."""
     if box_w > width - 2 * _PAD or box_h > height - 2 * _PAD:
         return None
     for _ in range(_PLACEMENT_TRIES):
         x0 = rng.randint(_PAD, width - _PAD - box_w)
         y0 = rng.randint(_PAD, height - _PAD - box_h)
-        if all(x0 + box_w + _GAP <= a0 or a1 + _GAP <= x0 or y0 + box_h + _GAP <= b0 or b1 + _GAP <= y0
-               for a0, b0, a1, b1 in taken):
+        if all(
+            x0 + box_w + _GAP <= a0 or a1 + _GAP <= x0 or y0 + box_h + _GAP <= b0 or b1 + _GAP <= y0
+            for a0, b0, a1, b1 in taken
+        ):
             return x0, y0
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font_dir() -> Path:
     spec = importlib.util.find_spec("matplotlib")
     if spec is None or spec.origin is None:
@@ -240,8 +283,9 @@ def _font(bold: bool, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(_font_dir() / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")), size)
 
 
-def _draw_text(rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int, colours: list[str],
-               taken: list[Box]) -> SceneText | None:
+def _draw_text(
+    rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height: int, colours: list[str], taken: list[Box]
+) -> SceneText | None:
     """A word or number in a free spot, or None where it does not fit."""
     kind = "word" if rng.random() < 0.65 else "number"
     text = rng.choice(WORDS) if kind == "word" else str(rng.randint(0, 999))
@@ -263,8 +307,9 @@ def _draw_text(rng: random.Random, draw: ImageDraw.ImageDraw, width: int, height
     return SceneText(text, kind, colour, (x0, y0, x0 + right - left, y0 + bottom - top))
 
 
-def _clear_relations(groups: dict[tuple[str, str], list[SceneObject]], width: int,
-                     height: int) -> list[tuple[tuple[str, str], str, tuple[str, str]]]:
+def _clear_relations(
+    groups: dict[tuple[str, str], list[SceneObject]], width: int, height: int
+) -> list[tuple[tuple[str, str], str, tuple[str, str]]]:
     """(subject, relation, reference) for group pairs whose boxes are apart along an axis by a
     clear margin, so the relation holds for every object of both groups."""
     margin_x, margin_y = max(4, width // 20), max(4, height // 20)
@@ -307,8 +352,12 @@ def _listed(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _caption(groups: dict[tuple[str, str], list[SceneObject]], text: SceneText | None,
-             background: tuple[str, ...], relation: tuple[tuple[str, str], str, tuple[str, str]] | None) -> str:
+def _caption(
+    groups: dict[tuple[str, str], list[SceneObject]],
+    text: SceneText | None,
+    background: tuple[str, ...],
+    relation: tuple[tuple[str, str], str, tuple[str, str]] | None,
+) -> str:
     items = [_counted(kind, len(objs)) for kind, objs in groups.items()]
     if text is not None:
         items.append(f"the {text.kind} {text.text} in {text.colour}")
@@ -318,43 +367,61 @@ def _caption(groups: dict[tuple[str, str], list[SceneObject]], text: SceneText |
     if relation is not None:
         subject, where, reference = relation
         verb = "is" if len(groups[subject]) == 1 else "are"
-        sentences.append(f"{_the(subject, len(groups[subject])).capitalize()} {verb} {where} "
-                         f"{_the(reference, len(groups[reference]))}.")
+        sentences.append(
+            f"{_the(subject, len(groups[subject])).capitalize()} {verb} {where} "
+            f"{_the(reference, len(groups[reference]))}."
+        )
     return " ".join(sentences)
 
 
-def _questions(rng: random.Random, groups: dict[tuple[str, str], list[SceneObject]], text: SceneText | None,
-               background: tuple[str, ...],
-               relations: list[tuple[tuple[str, str], str, tuple[str, str]]]) -> tuple[Question, ...]:
+def _questions(
+    rng: random.Random,
+    groups: dict[tuple[str, str], list[SceneObject]],
+    text: SceneText | None,
+    background: tuple[str, ...],
+    relations: list[tuple[tuple[str, str], str, tuple[str, str]]],
+) -> tuple[Question, ...]:
     """Every short-answer question the scene answers, each read off the scene's parameters."""
     counts = {colour: len(objs) for (colour, _), objs in groups.items()}
-    candidates = [Question("background", "What is the background colour?", " and ".join(background)),
-                  Question("count", "How many shapes are there?", str(sum(counts.values()))),
-                  Question("text_presence", "Is there any text in the image?", "yes" if text is not None else "no")]
-    candidates += [Question("count_colour", f"How many {colour} objects are there?", str(n))
-                   for colour, n in counts.items()]
+    candidates = [
+        Question("background", "What is the background colour?", " and ".join(background)),
+        Question("count", "How many shapes are there?", str(sum(counts.values()))),
+        Question("text_presence", "Is there any text in the image?", "yes" if text is not None else "no"),
+    ]
+    candidates += [
+        Question("count_colour", f"How many {colour} objects are there?", str(n)) for colour, n in counts.items()
+    ]
     absent = [colour for colour in OBJECT_COLOURS if colour not in counts and colour not in background]
     candidates.append(Question("count_colour", f"How many {rng.choice(absent)} objects are there?", "0"))
     for shape in SHAPES:
         kinds = [kind for kind in groups if kind[1] == shape]
         if len(kinds) == 1:
             colour = kinds[0][0]
-            question = (f"What colour is the {shape}?" if len(groups[kinds[0]]) == 1
-                        else f"What colour are the {shape}s?")
+            question = (
+                f"What colour is the {shape}?" if len(groups[kinds[0]]) == 1 else f"What colour are the {shape}s?"
+            )
             candidates.append(Question("colour", question, colour))
     for colour in OBJECT_COLOURS:
         kinds = [kind for kind in groups if kind[0] == colour]
         if len(kinds) == 1:
-            question = (f"What shape is the {colour} object?" if len(groups[kinds[0]]) == 1
-                        else f"What shape are the {colour} objects?")
+            question = (
+                f"What shape is the {colour} object?"
+                if len(groups[kinds[0]]) == 1
+                else f"What shape are the {colour} objects?"
+            )
             candidates.append(Question("shape", question, kinds[0][1]))
     if relations:  # objects named by colour: a position question needs no shape recognition
         subject, where, reference = rng.choice(relations)
         choice = "left or right of" if where.startswith("to the") else "above or below"
         verb = "Is" if len(groups[subject]) == 1 else "Are"
-        candidates.append(Question("position", f"{verb} {_coloured(subject, len(groups[subject]))} {choice} "
-                                               f"{_coloured(reference, len(groups[reference]))}?",
-                                   _RELATION_ANSWERS[where]))
+        candidates.append(
+            Question(
+                "position",
+                f"{verb} {_coloured(subject, len(groups[subject]))} {choice} "
+                f"{_coloured(reference, len(groups[reference]))}?",
+                _RELATION_ANSWERS[where],
+            )
+        )
     if text is not None:
         candidates.append(Question("text", f"What {text.kind} is written in the image?", text.text))
         candidates.append(Question("text_colour", f"What colour is the {text.kind}?", text.colour))

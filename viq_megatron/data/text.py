@@ -5,13 +5,19 @@ checkpoint's own format), else through a plain "User:/Assistant:" template. Loss
 taken on the assistant's tokens only (its answer and its end-of-turn marker). Each
 `<image>` in the text becomes a slot that the image's visual tokens fill later.
 """
+
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
+
+import sentencepiece as spm
+from transformers import AutoTokenizer
 
 from viq_megatron.runtime.errors import InputError, first_line
 
@@ -53,14 +59,15 @@ class TextTokenizer(Protocol):
         ...
 
 
-def tokenize_conversation(tokenizer: TextTokenizer, turns: Sequence[Turn],
-                          generation_prompt: bool = False) -> RenderedConversation:
+def tokenize_conversation(
+    tokenizer: TextTokenizer, turns: Sequence[Turn], generation_prompt: bool = False
+) -> RenderedConversation:
     """Renders, splits at `<image>` and tokenizes each text segment with its loss flags.
     `generation_prompt`: the conversation only up to where the next assistant answer starts,
     laid out as training lays it out (the prompt to generate that answer from)."""
     if generation_prompt:
         text, spans = tokenizer.render([*turns, Turn("assistant", "")])
-        text, spans = text[:spans[-1][0]], []
+        text, spans = text[: spans[-1][0]], []
     else:
         text, spans = tokenizer.render(turns)
     pieces: list[tuple] = []
@@ -94,8 +101,6 @@ class HFTokenizer:
     """A Hugging Face tokenizer (fast), with its chat template where it has one."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer
-
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as e:
@@ -129,7 +134,7 @@ class HFTokenizer:
                 continue
             # The assistant's span: from after the generation prompt to the end of its turn.
             before = self.tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            through = self.tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            through = self.tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
             if not (text.startswith(before) and text.startswith(through)):
                 raise ValueError("the chat template does not render conversations prefix by prefix")
             spans.append((len(before), len(through)))
@@ -142,8 +147,6 @@ class SentencePieceTokenizer:
     EOS = "</s>"
 
     def __init__(self, model_file: str | Path):
-        import sentencepiece as spm
-
         self.model_file = str(model_file)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
@@ -156,19 +159,23 @@ class SentencePieceTokenizer:
         return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, model_prefix: str | Path) -> "SentencePieceTokenizer":
-        import io
-
-        import sentencepiece as spm
-
+    def train(cls, texts: Iterable[str], vocab_size: int, model_prefix: str | Path) -> SentencePieceTokenizer:
         texts = sorted(set(texts))
         if not any(t.strip() for t in texts):
             raise InputError(f"{model_prefix}.model: no text to train the SentencePiece tokenizer on")
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-            model_type="unigram", character_coverage=1.0, byte_fallback=True, num_threads=1,
-            shuffle_input_sentence=False, minloglevel=2, hard_vocab_limit=False)
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=1.0,
+            byte_fallback=True,
+            num_threads=1,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+            hard_vocab_limit=False,
+        )
         path = Path(f"{model_prefix}.model")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(model.getvalue())
@@ -196,3 +203,18 @@ class SentencePieceTokenizer:
 
     def render(self, turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]]]:
         return _plain_render(turns, self.EOS)
+
+
+def open_text_tokenizer(path: str | Path) -> TextTokenizer:
+    """A SentencePiece `.model` file or a Hugging Face tokenizer folder, told apart by the name:
+    the one rule every command line taking a text tokenizer's path follows."""
+    return SentencePieceTokenizer(path) if str(path).endswith(".model") else HFTokenizer(path)
+
+
+def stop_ids(tokenizer: TextTokenizer) -> set[int]:
+    """Token ids that end an answer: EOS, and the special tokens that close an assistant turn in
+    the chat template (e.g. Qwen2.5's <|im_end|>, where EOS is <|endoftext|>)."""
+    pieces = tokenize_conversation(tokenizer, [Turn("user", "Hi"), Turn("assistant", "Hello")]).pieces
+    answer = [i for piece in pieces if piece[0] == "text" for i, flag in zip(piece[1], piece[2]) if flag]
+    special = set(getattr(getattr(tokenizer, "tokenizer", None), "all_special_ids", ()))
+    return {tokenizer.eos_id, *(i for i in answer if i in special)}

@@ -13,6 +13,7 @@ One document per sample; its sequences, in conversation order, each carry a mode
 int32 throughout (text vocabularies exceed uint16). Megatron-Core's own
 `IndexedDataset(prefix, multimodal=True)` reads the files.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from viq_megatron.data.text import tokenize_conversation
 from viq_megatron.runtime.errors import InputError, first_line
 
 TEXT, ANSWER, GRID, CODES, FEATURES = 0, 1, 2, 3, 4
@@ -37,8 +39,11 @@ def features_to_int32(features: torch.Tensor) -> np.ndarray:
 
 def features_from_int32(values: np.ndarray, width: int) -> torch.Tensor:
     """`features_to_int32`'s inverse: [patches, width] bf16."""
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32).view(np.int16)).view(torch.bfloat16) \
+    return (
+        torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32).view(np.int16))
+        .view(torch.bfloat16)
         .reshape(-1, width)
+    )
 
 
 @dataclass
@@ -54,6 +59,32 @@ class TokenSample:
     @property
     def num_patches(self) -> int:
         return sum(int(seq[0]) * int(seq[1]) for mode, seq in self.segments if mode == GRID)
+
+
+def encode_token_sample(sample, tok, text_tok, features: bool = False) -> TokenSample:
+    """A conversation with images (a data.conversations.Sample) -> the TokenSample stored for it:
+    each image as GRID + its ViQ codes from `tok`, or with `features` its encoder tokens; the text
+    through `text_tok` as runs of TEXT / ANSWER by loss flag. Raises ImageError for an unusable image."""
+    images = list(sample.images)
+    encoded = (tok.encoder_features(images) if features else [e.codes for e in tok.encode(images)]) if images else []
+    segments = []
+    for piece in tokenize_conversation(text_tok, sample.turns).pieces:
+        if piece[0] == "image":
+            visual = encoded[piece[1]]
+            if features:  # [grid_h, grid_w, width]
+                segments.append((GRID, np.array(visual.shape[:2])))
+                segments.append((FEATURES, features_to_int32(visual.reshape(-1, visual.shape[-1]))))
+            else:  # [2 * grid_h, 2 * grid_w]
+                segments.append((GRID, np.array([visual.shape[0] // 2, visual.shape[1] // 2])))
+                segments.append((CODES, visual.reshape(-1).numpy()))
+            continue
+        ids, flags = piece[1], piece[2]
+        start = 0
+        for k in range(1, len(ids) + 1):  # runs of equal loss flags
+            if k == len(ids) or flags[k] != flags[start]:
+                segments.append((ANSWER if flags[start] else TEXT, np.array(ids[start:k])))
+                start = k
+    return TokenSample(segments)
 
 
 class TokenDatasetWriter:
@@ -90,20 +121,27 @@ class TokenDataset:
     def __init__(self, prefix: str | Path):
         for suffix in (".idx", ".bin"):
             if not os.path.isfile(f"{prefix}{suffix}"):
-                raise InputError(f"{prefix}{suffix}: no such file (tools/preprocess_images.py writes the pair; "
-                                 "a merge it did not finish leaves none)")
+                raise InputError(
+                    f"{prefix}{suffix}: no such file (tools/preprocess_images.py writes the pair; "
+                    "a merge it did not finish leaves none)"
+                )
         try:
             self.data = IndexedDataset(str(prefix), multimodal=True)
         except Exception as e:  # noqa: BLE001 - Megatron-Core asserts on a damaged header
             raise InputError(f"{prefix}.idx: not a token dataset index ({first_line(e)})") from None
         self.documents = self.data.document_indices
         index = self.data.index
-        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-                    if len(index.sequence_lengths) else 0)
+        expected = (
+            int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+            if len(index.sequence_lengths)
+            else 0
+        )
         actual = os.path.getsize(f"{prefix}.bin")
         if actual != expected:
-            raise InputError(f"{prefix}.bin: {actual} bytes, but {prefix}.idx describes {expected}: the pair does "
-                             "not belong together (rerun tools/preprocess_images.py)")
+            raise InputError(
+                f"{prefix}.bin: {actual} bytes, but {prefix}.idx describes {expected}: the pair does "
+                "not belong together (rerun tools/preprocess_images.py)"
+            )
 
     def __len__(self) -> int:
         return len(self.documents) - 1
@@ -115,3 +153,20 @@ class TokenDataset:
         sequences, modes = self.data[first:last]
         # Copies: the arrays would otherwise view a memory map that closes with the dataset.
         return TokenSample([(int(m), np.array(s)) for s, m in zip(sequences, modes)])
+
+
+def codebook_counts(prefix: str | Path, codebook_size: int) -> torch.Tensor:
+    """How often each code occurs in a token dataset."""
+    data, counts = TokenDataset(prefix), torch.zeros(codebook_size, dtype=torch.int64)
+    for index in range(len(data)):
+        for mode, values in data[index].segments:
+            if mode == CODES:
+                counts += torch.bincount(torch.from_numpy(values).long(), minlength=codebook_size)
+    return counts
+
+
+def visual_bytes(prefix: str | Path) -> int:
+    """Bytes a token dataset spends on images (codes or features; the grids aside)."""
+    index = TokenDataset(prefix).data.index
+    visual = (index.sequence_modes == CODES) | (index.sequence_modes == FEATURES)
+    return int(index.sequence_lengths[visual].sum()) * index.dtype_size

@@ -8,6 +8,7 @@
 The two visual configs are written by `visual_config`, and a tokenizer directory is read by
 `read_tokenizer_files`, which refuses a file it cannot use in one line naming it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,9 +4,10 @@ Counts matmul FLOPs (2 per multiply-add) of the forward pass; a training step is
 3x that (backward = 2x forward). Norms, activations and softmax are left out, as in
 the usual MFU convention.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -29,7 +30,7 @@ def vit_forward_flops(cfg: EncoderConfig, seqlens: Sequence[int]) -> float:
     hidden, ffn = cfg.hidden_size, cfg.ffn_hidden_size
     linears = 2 * tokens * (4 * hidden * hidden + 2 * hidden * ffn)  # qkv + proj + fc1 + fc2
     attention = sum(4 * length * length * hidden for length in seqlens)  # QK^T and AV
-    embedding = 2 * tokens * 3 * cfg.patch_size ** 2 * hidden
+    embedding = 2 * tokens * 3 * cfg.patch_size**2 * hidden
     return cfg.num_layers * (linears + attention) + embedding
 
 

@@ -11,6 +11,7 @@ query group ([the group's q heads, its k head, its v head]); it fuses SwiGLU's g
 and up projections into `linear_fc1` as [gate; up]; HF's rotate_half RoPE is
 Megatron's non-interleaved RoPE.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from viq_megatron.config import LLMArch
 from viq_megatron.models.files import WEIGHTS_FILE
@@ -46,24 +48,37 @@ def arch_from_hf_config(hf: dict) -> LLMArch:
         raise CheckpointError("config.json: rope_scaling is not supported yet")
     rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return LLMArch(
-        hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"], rotary_base=float(rope), norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        rotary_base=float(rope),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_sequence_length=hf.get("max_position_embeddings", 4096), model_type=model_type)
+        max_sequence_length=hf.get("max_position_embeddings", 4096),
+        model_type=model_type,
+    )
 
 
 def hf_config_dict(arch: LLMArch) -> dict:
     return {
         "model_type": arch.model_type,
         "architectures": ["LlamaForCausalLM" if arch.model_type == "llama" else "Qwen2ForCausalLM"],
-        "hidden_size": arch.hidden_size, "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
-        "intermediate_size": arch.ffn_hidden_size, "vocab_size": arch.vocab_size,
-        "rope_theta": arch.rotary_base, "rms_norm_eps": arch.norm_epsilon,
-        "tie_word_embeddings": arch.tie_word_embeddings, "max_position_embeddings": arch.max_sequence_length,
-        "hidden_act": "silu", **({"attention_bias": arch.qkv_bias} if arch.model_type == "llama" else {}),
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "intermediate_size": arch.ffn_hidden_size,
+        "vocab_size": arch.vocab_size,
+        "rope_theta": arch.rotary_base,
+        "rms_norm_eps": arch.norm_epsilon,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "max_position_embeddings": arch.max_sequence_length,
+        "hidden_act": "silu",
+        **({"attention_bias": arch.qkv_bias} if arch.model_type == "llama" else {}),
     }
 
 
@@ -87,8 +102,10 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], arch: LLMArch, source: str = "ch
         used.add(name)
         return _expect(hf, name, shape, source)
 
-    out = {"embedding.word_embeddings.weight": get("model.embed_tokens.weight", (arch.vocab_size, h)),
-           "decoder.final_layernorm.weight": get("model.norm.weight", (h,))}
+    out = {
+        "embedding.word_embeddings.weight": get("model.embed_tokens.weight", (arch.vocab_size, h)),
+        "decoder.final_layernorm.weight": get("model.norm.weight", (h,)),
+    }
     if not arch.tie_word_embeddings:
         out["output_layer.weight"] = get("lm_head.weight", (arch.vocab_size, h))
     for i in range(arch.num_layers):
@@ -107,8 +124,9 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], arch: LLMArch, source: str = "ch
         out[mg_l + "input_layernorm.weight"] = get(hf_l + "input_layernorm.weight", (h,))
         out[mg_l + "pre_mlp_layernorm.weight"] = get(hf_l + "post_attention_layernorm.weight", (h,))
         f = arch.ffn_hidden_size
-        out[mg_l + "mlp.linear_fc1.weight"] = torch.cat([get(hf_l + "mlp.gate_proj.weight", (f, h)),
-                                                         get(hf_l + "mlp.up_proj.weight", (f, h))])
+        out[mg_l + "mlp.linear_fc1.weight"] = torch.cat(
+            [get(hf_l + "mlp.gate_proj.weight", (f, h)), get(hf_l + "mlp.up_proj.weight", (f, h))]
+        )
         out[mg_l + "mlp.linear_fc2.weight"] = get(hf_l + "mlp.down_proj.weight", (h, f))
     # A tensor we do not map is a feature we do not support (e.g. an o_proj bias): refuse it.
     ignorable = {"lm_head.weight"} if arch.tie_word_embeddings else set()
@@ -122,8 +140,10 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], arch: LLMArch) -> dict[str, torc
     h, heads, groups = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups
     d = h // heads
     per_group = heads // groups
-    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"],
-           "model.norm.weight": mg["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": mg["embedding.word_embeddings.weight"],
+        "model.norm.weight": mg["decoder.final_layernorm.weight"],
+    }
     if not arch.tie_word_embeddings:
         out["lm_head.weight"] = mg["output_layer.weight"]
     for i in range(arch.num_layers):
@@ -134,8 +154,9 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], arch: LLMArch) -> dict[str, torc
         out[hf_l + "self_attn.k_proj.weight"] = k.reshape(-1, h)
         out[hf_l + "self_attn.v_proj.weight"] = v.reshape(-1, h)
         if arch.qkv_bias:
-            qb, kb, vb = mg[mg_l + "self_attention.linear_qkv.bias"].reshape(groups, -1).split(
-                [per_group * d, d, d], dim=1)
+            qb, kb, vb = (
+                mg[mg_l + "self_attention.linear_qkv.bias"].reshape(groups, -1).split([per_group * d, d, d], dim=1)
+            )
             out[hf_l + "self_attn.q_proj.bias"] = qb.reshape(-1)
             out[hf_l + "self_attn.k_proj.bias"] = kb.reshape(-1)
             out[hf_l + "self_attn.v_proj.bias"] = vb.reshape(-1)
@@ -149,13 +170,12 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], arch: LLMArch) -> dict[str, torc
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save_hf_causal_lm(weights: dict[str, torch.Tensor], arch: LLMArch, out: str | Path,
-                      stop: list[int] | None = None) -> None:
+def save_hf_causal_lm(
+    weights: dict[str, torch.Tensor], arch: LLMArch, out: str | Path, stop: list[int] | None = None
+) -> None:
     """Our TP=1 LLM weights (local layer names) as a standard HF causal LM directory (transformers
     loads it); with `stop`, generation ends at those ids (EOS first, then the chat template's end
     of turn)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     hf = megatron_to_hf(weights, arch)
     params = hf_config_dict(arch)
     config = AutoConfig.for_model(params.pop("model_type"), **params, **({"eos_token_id": stop[0]} if stop else {}))
@@ -222,7 +242,7 @@ def pipeline_chunk_weights(weights: dict[str, torch.Tensor], model) -> dict[str,
     out = {}
     for name, tensor in weights.items():
         if name.startswith("decoder.layers."):
-            index, rest = name[len("decoder.layers."):].split(".", 1)
+            index, rest = name[len("decoder.layers.") :].split(".", 1)
             if first <= int(index) < first + len(layers):
                 out[f"decoder.layers.{int(index) - first}.{rest}"] = tensor
         elif name.startswith("embedding."):

@@ -11,6 +11,7 @@ LayerNormLinear): a hook there sees the un-normalised input, so `W + s·BA` merg
 would be another model. Those targets are refused under TE layers; `linear_proj` and
 `linear_fc2` (plain linears in both specs) take adapters everywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,15 +30,18 @@ def add_lora(model: torch.nn.Module, cfg: LoRAConfig) -> int:
         if not any(name.endswith(target) for target in cfg.targets):
             continue
         if getattr(module, "layer_norm_weight", None) is not None:  # TE's LayerNormLinear
-            raise ConfigError(f"model.llm.lora.targets: {name} fuses its layer norm under Transformer Engine, so an "
-                              "adapter there would not merge into its weight; target linear_proj/linear_fc2 only, or "
-                              "set model.transformer_impl: local")
+            raise ConfigError(
+                f"model.llm.lora.targets: {name} fuses its layer norm under Transformer Engine, so an "
+                "adapter there would not merge into its weight; target linear_proj/linear_fc2 only, or "
+                "set model.transformer_impl: local"
+            )
         weight = module.weight
         out_features, in_features = weight.shape
         module.lora_a = torch.nn.Parameter(torch.empty(cfg.rank, in_features, dtype=weight.dtype, device=weight.device))
         torch.nn.init.kaiming_uniform_(module.lora_a, a=math.sqrt(5))
-        module.lora_b = torch.nn.Parameter(torch.zeros(out_features, cfg.rank, dtype=weight.dtype,
-                                                       device=weight.device))
+        module.lora_b = torch.nn.Parameter(
+            torch.zeros(out_features, cfg.rank, dtype=weight.dtype, device=weight.device)
+        )
         scale = cfg.alpha / cfg.rank
 
         def adapt(module, args, output, scale=scale):

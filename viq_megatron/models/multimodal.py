@@ -8,6 +8,7 @@ cached-features baseline `CachedFeatureVisualInput` (a frozen encoder's tokens s
 projector). It returns one LLM embedding per visual token; they replace the placeholder slots
 of the text embeddings.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from viq_megatron.runtime.timing import PhaseTimer
 @dataclass
 class VisualOutput:
     """What a visual input computes for the packed images of a batch (N visual tokens)."""
+
     embeddings: torch.Tensor  # [N, LLM hidden]: they replace the placeholder slots
     features: torch.Tensor | None = None  # [N, C] what the projector reads (encoder tokens, or the head's output)
     encoder_tokens: torch.Tensor | None = None  # [N, C] the encoder's tokens, before the ViQ head
@@ -41,6 +43,7 @@ class MultimodalOutput:
     token_losses: torch.Tensor | None  # [T] next-token cross-entropy, on the last pipeline stage
     hidden_states: torch.Tensor | None  # [T, 1, hidden] for the next pipeline stage, before the last
     visual: VisualOutput | None = None  # on the first pipeline stage, for a batch with images
+    logits: torch.Tensor | None = None  # [T, vocab] full logits instead of losses (a batch without labels)
 
 
 class Projector(torch.nn.Module):
@@ -64,8 +67,13 @@ def mean_pool(tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
 class EncoderVisualInput(MegatronModule):
     """Images -> encoder tokens -> projector: the continuous visual input."""
 
-    def __init__(self, encoder: NativeResolutionViT, projector: Projector, teacher: NativeResolutionViT | None = None,
-                 pooling: AttentionPooling | None = None):
+    def __init__(
+        self,
+        encoder: NativeResolutionViT,
+        projector: Projector,
+        teacher: NativeResolutionViT | None = None,
+        pooling: AttentionPooling | None = None,
+    ):
         super().__init__(config=encoder.config)
         self.encoder = encoder
         self.projector = projector
@@ -158,25 +166,39 @@ class VisionLanguageModel(MegatronModule):
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.llm.shared_embedding_or_output_weight()
 
-    def forward(self, batch: PackedBatch) -> MultimodalOutput:
+    def forward(self, batch: PackedBatch, visual: VisualOutput | None = None) -> MultimodalOutput:
         """The LLM's per-token loss [T] on the last pipeline stage (next-token cross-entropy; mask
-        it with batch.loss_mask), its hidden states [T, 1, hidden] for the next stage before it;
-        beside it, on the first stage, what the visual input computed."""
+        it with batch.loss_mask), or for a batch without labels its full logits [T, vocab]
+        (gathered over tensor-parallel ranks: inference); its hidden states [T, 1, hidden] for the
+        next stage before it; beside it, on the first stage, what the visual input computed
+        (`visual`: computed already, for the same images)."""
         device = next(self.llm.parameters()).device
-        embeddings = visual = None  # after the first stage, the LLM reads its input tensor
+        embeddings = None  # after the first stage, the LLM reads its input tensor
         positions = batch.position_ids.to(device, non_blocking=True)  # pinned by the DataLoader: no host wait
         if self.pre_process:
             tokens = batch.tokens.to(device, non_blocking=True)[None]
             embeddings = self.llm.embedding(input_ids=tokens, position_ids=positions[None])
             if len(batch.visual_positions):
-                with self.phase_timer.span("visual") if self.phase_timer is not None else nullcontext():
-                    visual = self.visual(batch)
+                if visual is None:
+                    with self.phase_timer.span("visual") if self.phase_timer is not None else nullcontext():
+                        visual = self.visual(batch)
                 slots = batch.visual_positions.to(device, non_blocking=True)
-                embeddings = embeddings.index_put((slots, torch.zeros_like(slots)),
-                                                  visual.embeddings.to(embeddings.dtype))
+                embeddings = embeddings.index_put(
+                    (slots, torch.zeros_like(slots)), visual.embeddings.to(embeddings.dtype)
+                )
         packed = packed_rows(self.llm, batch.cu_seqlens.tolist(), positions)
-        output = self.llm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeddings,
-                          labels=batch.labels.to(device, non_blocking=True)[None], packed_seq_params=packed)
-        if self.post_process:
-            return MultimodalOutput(output[0], None, visual)
-        return MultimodalOutput(None, output, visual)
+        labels = None if batch.labels is None else batch.labels.to(device, non_blocking=True)[None]
+        output = self.llm(
+            input_ids=None,
+            position_ids=None,
+            attention_mask=None,
+            decoder_input=embeddings,
+            labels=labels,
+            packed_seq_params=packed,
+            runtime_gather_output=True if labels is None else None,
+        )
+        if not self.post_process:
+            return MultimodalOutput(None, output, visual)
+        if labels is None:
+            return MultimodalOutput(None, None, visual, output[0])
+        return MultimodalOutput(output[0], None, visual)

@@ -5,6 +5,7 @@ features (one per 8x8 pixels, after `from_code`), lays them on the fine 2H x 2W 
 runs a packed bidirectional transformer with 2D RoPE over that grid (attention within
 each image, like the encoder), and predicts each 8x8x3 block of pixels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.config import DecoderConfig
+from viq_megatron.data.code_layout import patch_major, raster_order  # noqa: F401 - patch_major: re-exported
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.models.specs import transformer_block
 from viq_megatron.models.viq_head import grid_rope_angles
@@ -20,26 +22,26 @@ from viq_megatron.models.vit import bidirectional_transformer_config, packed_par
 CODE_PIXELS = 8  # one code per 8x8 pixels
 
 
-def raster_order(grid_h: int, grid_w: int) -> torch.Tensor:
-    """Permutation from patch-major sub-tokens ([patch][2x2]) to raster order on the 2H x 2W grid."""
-    fine = torch.arange(grid_h * grid_w * 4).reshape(grid_h, grid_w, 2, 2)
-    return fine.permute(0, 2, 1, 3).reshape(-1)
-
-
-def patch_major(raster_codes: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Codes in raster order on the 2H x 2W grid -> [patches, 4], each patch's 2x2 codes."""
-    out = torch.empty(grid_h * grid_w * 4, dtype=torch.int64, device=raster_codes.device)
-    out[raster_order(grid_h, grid_w).to(raster_codes.device)] = raster_codes.reshape(-1).to(torch.int64)
-    return out.reshape(-1, 4)
-
-
 class PixelDecoder(MegatronModule):
-    def __init__(self, cfg: DecoderConfig, subtoken_size: int, tensor_parallel: int, params_dtype: torch.dtype,
-                 impl: str = "local"):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        subtoken_size: int,
+        tensor_parallel: int,
+        params_dtype: torch.dtype,
+        impl: str = "local",
+    ):
         # 2D RoPE lives in our packed attention: local layers (or standalone ones, see specs.py).
-        config = bidirectional_transformer_config(cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads,
-                                                  cfg.ffn_hidden_size, cfg.layernorm_epsilon, tensor_parallel,
-                                                  params_dtype, impl)
+        config = bidirectional_transformer_config(
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.num_attention_heads,
+            cfg.ffn_hidden_size,
+            cfg.layernorm_epsilon,
+            tensor_parallel,
+            params_dtype,
+            impl,
+        )
         super().__init__(config=config)
         self.cfg = cfg
         self.input = torch.nn.Linear(subtoken_size, cfg.hidden_size, dtype=params_dtype)
@@ -65,29 +67,36 @@ class PixelDecoder(MegatronModule):
         x = row_blocked(self.input, subtokens[torch.cat(order).to(subtokens.device, non_blocking=True)])
         head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
         packed = packed_params(bounds, x.device, grid_rope_angles(fine_grids, head_dim, self.cfg.rope_base))
-        h = row_blocked(lambda rows: self.blocks(hidden_states=rows.unsqueeze(1), attention_mask=None,
-                                                 packed_seq_params=packed).squeeze(1), x)
+        h = row_blocked(
+            lambda rows: self.blocks(
+                hidden_states=rows.unsqueeze(1), attention_mask=None, packed_seq_params=packed
+            ).squeeze(1),
+            x,
+        )
         return row_blocked(self.output, h)
 
 
-def drawn_and_original(blocks: torch.Tensor, images: PackedImages, patch: int, mean: torch.Tensor,
-                       std: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def drawn_and_original(
+    blocks: torch.Tensor, images: PackedImages, patch: int, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The decoder's pixel blocks of packed images and those images, each as [3, H, W] in [0, 1]."""
     bounds = [4 * b for b in images.cu_seqlens.tolist()]
     scale, shift = std[:, None, None], mean[:, None, None]
     drawn, original = [], []
     for k, grid in enumerate(images.grids.tolist()):
-        drawn.append(blocks_to_image(blocks[bounds[k]:bounds[k + 1]], grid).float() * scale + shift)
-        patches = images.patches[images.cu_seqlens[k]:images.cu_seqlens[k + 1]].to(drawn[-1].device)
+        drawn.append(blocks_to_image(blocks[bounds[k] : bounds[k + 1]], grid).float() * scale + shift)
+        patches = images.patches[images.cu_seqlens[k] : images.cu_seqlens[k + 1]].to(drawn[-1].device)
         original.append(patches_to_image(patches, grid, patch).float() * scale + shift)
     return drawn, original
 
 
 def pixel_losses(drawn: list[torch.Tensor], original: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sums over images: L1 over every pixel value, 1 - SSIM and PSNR (reported, not trained) per image."""
-    return {"l1": sum((d - o).abs().sum() for d, o in zip(drawn, original)),
-            "ssim": sum(1 - ssim(d, o) for d, o in zip(drawn, original)),
-            "psnr": sum(psnr(d.clamp(0, 1), o).detach() for d, o in zip(drawn, original))}
+    return {
+        "l1": sum((d - o).abs().sum() for d, o in zip(drawn, original)),
+        "ssim": sum(1 - ssim(d, o) for d, o in zip(drawn, original)),
+        "psnr": sum(psnr(d.clamp(0, 1), o).detach() for d, o in zip(drawn, original)),
+    }
 
 
 def blocks_to_image(blocks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -106,8 +115,8 @@ def patches_to_image(patches: torch.Tensor, grid: tuple[int, int], patch: int) -
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Mean SSIM of two images [3, H, W] (11x11 Gaussian window, sigma 1.5)."""
     coords = torch.arange(11, dtype=torch.float32, device=x.device) - 5
-    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
-    g = (g / g.sum())
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
     window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
 
     def blur(t):
@@ -115,13 +124,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 
     x, y = x.float(), y.float()
     mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return value.mean()
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     mse = F.mse_loss(x.float(), y.float())
-    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))

@@ -5,20 +5,12 @@ residual. Kept from an imported SigLIP/SigLIP2 checkpoint, frozen, to pool the f
 stage 1 distils (the pooled vector SigLIP was trained to align with text). The parameter
 names are Hugging Face's (`nn.MultiheadAttention`), so imported weights load as they are.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-class PoolingMLP(torch.nn.Module):
-    def __init__(self, hidden: int, ffn: int, dtype: torch.dtype):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(hidden, ffn, dtype=dtype)
-        self.fc2 = torch.nn.Linear(ffn, hidden, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+from viq_megatron.models.viq_head import MLP
 
 
 class AttentionPooling(torch.nn.Module):
@@ -27,7 +19,7 @@ class AttentionPooling(torch.nn.Module):
         self.probe = torch.nn.Parameter(torch.zeros(1, 1, hidden, dtype=dtype))
         self.attention = torch.nn.MultiheadAttention(hidden, heads, batch_first=True, dtype=dtype)
         self.layernorm = torch.nn.LayerNorm(hidden, eps=eps, dtype=dtype)
-        self.mlp = PoolingMLP(hidden, ffn, dtype)
+        self.mlp = MLP(hidden, ffn, hidden, dtype)  # fc1, fc2: Hugging Face's names
 
     def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Packed tokens [T, hidden] of images bounded by cu_seqlens -> [images, hidden]."""

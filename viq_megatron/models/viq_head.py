@@ -13,6 +13,7 @@ Everything after the quantizer acts per patch, so a patch's output is a function
 4 codes alone: `embed_codes` computes it from indices, with no image and no encoder.
 One code per 8x8 pixels, four per 16x16 patch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,9 @@ SUBTOKENS = 4  # 2x2 per patch
 
 
 class MLP(torch.nn.Module):
+    """Linear, tanh-GELU, Linear. The names `fc1`, `fc2` are Hugging Face's: SigLIP's pooling head
+    (models/pooling.py) is this module too, so its imported weights load as they are."""
+
     def __init__(self, in_size: int, hidden: int, out_size: int, dtype: torch.dtype):
         super().__init__()
         self.fc1 = torch.nn.Linear(in_size, hidden, dtype=dtype)
@@ -68,12 +72,27 @@ def grid_rope_angles(grids: list[tuple[int, int]], head_dim: int, base: float) -
 
 
 class ViQHead(MegatronModule):
-    def __init__(self, cfg: HeadConfig, encoder: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
-                 impl: str, fp8: str = "off"):
+    def __init__(
+        self,
+        cfg: HeadConfig,
+        encoder: EncoderConfig,
+        tensor_parallel: int,
+        params_dtype: torch.dtype,
+        impl: str,
+        fp8: str = "off",
+    ):
         # FP8 (with TE) reaches the pre-quantization blocks only; the quantizer runs in fp32.
         pre_config = bidirectional_transformer_config(
-            encoder.hidden_size, max(cfg.pre_layers, 1), encoder.num_attention_heads, encoder.ffn_hidden_size,
-            encoder.layernorm_epsilon, tensor_parallel, params_dtype, impl, fp8)
+            encoder.hidden_size,
+            max(cfg.pre_layers, 1),
+            encoder.num_attention_heads,
+            encoder.ffn_hidden_size,
+            encoder.layernorm_epsilon,
+            tensor_parallel,
+            params_dtype,
+            impl,
+            fp8,
+        )
         super().__init__(config=pre_config)
         width, s = encoder.hidden_size, cfg.subtoken_size
         self.cfg = cfg
@@ -84,11 +103,21 @@ class ViQHead(MegatronModule):
         # 2D RoPE lives in our packed attention, so these blocks always take the local spec.
         subtoken_impl = STANDALONE if impl == STANDALONE else "local"
         if impl == "transformer_engine":
-            log.info("ViQ head: pre-blocks on Transformer Engine layers%s; sub-token blocks on local layers "
-                     "(their 2D RoPE is applied in our core attention)", f" (FP8 {fp8})" if fp8 != "off" else "")
+            log.info(
+                "ViQ head: pre-blocks on Transformer Engine layers%s; sub-token blocks on local layers "
+                "(their 2D RoPE is applied in our core attention)",
+                f" (FP8 {fp8})" if fp8 != "off" else "",
+            )
         subtoken_config = bidirectional_transformer_config(
-            SUBTOKENS * s, cfg.subtoken_layers, SUBTOKENS, cfg.subtoken_ffn_size, encoder.layernorm_epsilon,
-            tensor_parallel, params_dtype, subtoken_impl)
+            SUBTOKENS * s,
+            cfg.subtoken_layers,
+            SUBTOKENS,
+            cfg.subtoken_ffn_size,
+            encoder.layernorm_epsilon,
+            tensor_parallel,
+            params_dtype,
+            subtoken_impl,
+        )
         self.subtoken_blocks = transformer_block(subtoken_config, subtoken_impl)
         self.quantizer = Quantizer(cfg.quantizer, FSQ_PRESETS[cfg.codebook])
         self.to_code = torch.nn.Linear(s, self.quantizer.dim, dtype=params_dtype)
@@ -103,8 +132,9 @@ class ViQHead(MegatronModule):
         return packed_params(images.cu_seqlens.tolist(), self.expand.weight.device, angles)
 
     def _blocks(self, block: TransformerBlock, x: torch.Tensor, packed: PackedRotaryParams) -> torch.Tensor:
-        return row_blocked(lambda h: block(hidden_states=h.unsqueeze(1), attention_mask=None,
-                                           packed_seq_params=packed).squeeze(1), x)
+        return row_blocked(
+            lambda h: block(hidden_states=h.unsqueeze(1), attention_mask=None, packed_seq_params=packed).squeeze(1), x
+        )
 
     def pre_quantization(self, tokens: torch.Tensor, images: PackedImages) -> torch.Tensor:
         """Encoder tokens [N, C] -> bottleneck vectors [N, 4, d] (before the quantizer)."""
@@ -114,8 +144,7 @@ class ViQHead(MegatronModule):
             x = self._blocks(self.pre, x, self._packed(images, rope=False))
         sub = row_blocked(self.expand, x).reshape(n * SUBTOKENS, s)
         sub = sub + row_blocked(self.expand_mlp, sub)
-        x = self._blocks(self.subtoken_blocks, sub.reshape(n, SUBTOKENS * s),
-                         self._packed(images, rope=self.cfg.rope))
+        x = self._blocks(self.subtoken_blocks, sub.reshape(n, SUBTOKENS * s), self._packed(images, rope=self.cfg.rope))
         return row_blocked(self.to_code, x.reshape(n * SUBTOKENS, s)).reshape(n, SUBTOKENS, -1)
 
     def post_quantization(self, quantized: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ patches [T, p*p*3] --linear--> + learned position grid resized to each image's g
 --> TransformerBlock over the packed sequence (attention stays within each image)
 --> final LayerNorm --> one token per patch [T, hidden].
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def bidirectional_transformer_config(hidden_size: int, num_layers: int, num_heads: int, ffn_hidden_size: int,
-                                     eps: float, tensor_parallel: int, params_dtype: torch.dtype,
-                                     impl: str, fp8: str = "off") -> TransformerConfig:
+def bidirectional_transformer_config(
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    ffn_hidden_size: int,
+    eps: float,
+    tensor_parallel: int,
+    params_dtype: torch.dtype,
+    impl: str,
+    fp8: str = "off",
+) -> TransformerConfig:
     """Pre-LayerNorm blocks with biases and tanh-GELU (SigLIP-style), no dropout."""
     return TransformerConfig(
         num_layers=num_layers,
@@ -46,19 +55,29 @@ def bidirectional_transformer_config(hidden_size: int, num_layers: int, num_head
     )
 
 
-def encoder_transformer_config(cfg: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype,
-                               impl: str, fp8: str = "off") -> TransformerConfig:
-    return bidirectional_transformer_config(cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads,
-                                            cfg.ffn_hidden_size, cfg.layernorm_epsilon, tensor_parallel,
-                                            params_dtype, impl, fp8)
+def encoder_transformer_config(
+    cfg: EncoderConfig, tensor_parallel: int, params_dtype: torch.dtype, impl: str, fp8: str = "off"
+) -> TransformerConfig:
+    return bidirectional_transformer_config(
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.num_attention_heads,
+        cfg.ffn_hidden_size,
+        cfg.layernorm_epsilon,
+        tensor_parallel,
+        params_dtype,
+        impl,
+        fp8,
+    )
 
 
 def padded_rows(rows: int) -> int:
     return -(-rows // ROW_BLOCK) * ROW_BLOCK
 
 
-def packed_params(cu_seqlens: list[int], device: torch.device,
-                  rotary_angles: torch.Tensor | None = None) -> PackedRotaryParams:
+def packed_params(
+    cu_seqlens: list[int], device: torch.device, rotary_angles: torch.Tensor | None = None
+) -> PackedRotaryParams:
     """Packed-sequence parameters for a pack padded to whole row blocks: the padding rows form
     one extra sequence, so every attention backend sees sequences that cover the pack exactly.
     `rotary_angles` (per real row) are zero-padded likewise."""
@@ -69,8 +88,15 @@ def packed_params(cu_seqlens: list[int], device: torch.device,
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     if rotary_angles is not None:
         rotary_angles = F.pad(rotary_angles.to(device), (0, 0, 0, padded - rows))
-    return PackedRotaryParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                              max_seqlen_kv=longest, rotary_angles=rotary_angles, bounds=bounds)
+    return PackedRotaryParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+        rotary_angles=rotary_angles,
+        bounds=bounds,
+    )
 
 
 def row_blocked(fn, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +111,10 @@ class NativeResolutionViT(MegatronModule):
         self.patch_size = cfg.patch_size
         self.position_grid = cfg.position_embedding_size
         # Small, replicated on every tensor-parallel rank (same seed, same all-reduced grads).
-        self.patch_embedding = torch.nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, dtype=config.params_dtype)
+        self.patch_embedding = torch.nn.Linear(3 * cfg.patch_size**2, cfg.hidden_size, dtype=config.params_dtype)
         self.position_embedding = torch.nn.Parameter(
-            torch.randn(self.position_grid ** 2, cfg.hidden_size, dtype=config.params_dtype) * 0.02)
+            torch.randn(self.position_grid**2, cfg.hidden_size, dtype=config.params_dtype) * 0.02
+        )
         self.transformer = transformer_block(config, impl)
 
     def position_embeddings(self, grids: torch.Tensor) -> torch.Tensor:
@@ -96,8 +123,7 @@ class NativeResolutionViT(MegatronModule):
         table = self.position_embedding.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
         out = []
         for grid_h, grid_w in grids.tolist():
-            resized = F.interpolate(table, size=(grid_h, grid_w), mode="bilinear", align_corners=False,
-                                    antialias=True)
+            resized = F.interpolate(table, size=(grid_h, grid_w), mode="bilinear", align_corners=False, antialias=True)
             out.append(resized[0].permute(1, 2, 0).reshape(grid_h * grid_w, -1))
         return torch.cat(out).to(self.position_embedding.dtype)
 

@@ -13,14 +13,18 @@ The layer is process-wide while on, so it is on only where Megatron's runtime ru
 `shutdown` off; tests scope it with `patched()`. Library users (ViQTokenizer, the HF
 adapter) never see it: their modules are built standalone.
 """
+
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
+from megatron.core.tensor_parallel import random as mp_random
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,20 @@ def _cuda_type_name(self: torch.Tensor, *args: Any, **kwargs: Any):
     return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
 
 
-_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
-              "full_like", "rand", "randn")
+_FACTORIES = (
+    "tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand",
+    "randn",
+)
 
 
 class _TorchOnCpu:
@@ -99,6 +115,7 @@ class _TorchOnCpu:
             if device is not None and torch.device(device).type == "cuda":
                 kwargs["device"] = "cpu"
             return factory(*args, **kwargs)
+
         return make
 
     def __getattr__(self, name: str) -> Any:
@@ -135,17 +152,14 @@ class _DropForkWarning(logging.Filter):
 
 
 def _patches() -> list[Patch]:
-    import importlib
-
-    from megatron.core.tensor_parallel import random as mp_random
-
     torch_on_cpu = _TorchOnCpu()
     return [
-        *(Patch(importlib.import_module(module), "torch", torch_on_cpu, "tensors created with device='cuda'")
-          for module in _CUDA_LITERAL_MODULES),
+        *(
+            Patch(importlib.import_module(module), "torch", torch_on_cpu, "tensors created with device='cuda'")
+            for module in _CUDA_LITERAL_MODULES
+        ),
         Patch(torch.Tensor, "type", _cuda_type_name, "asserts on 'torch.cuda.*Tensor' type names"),
-        Patch(torch.cuda, "current_device", _cpu_device,
-              "used as a device argument when creating tensors and buffers"),
+        Patch(torch.cuda, "current_device", _cpu_device, "used as a device argument when creating tensors and buffers"),
         Patch(torch.cuda, "synchronize", _no_op, "CPU work is already synchronous"),
         Patch(torch.cuda, "current_stream", _current_stream, "DDP orders gradient reduction on streams"),
         Patch(torch.cuda, "Stream", _CpuStream, "DDP's communication stream"),

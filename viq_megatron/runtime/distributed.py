@@ -1,9 +1,10 @@
 """Process start-up: torch.distributed from torchrun or Slurm, Megatron-Core parallel groups, seeds.
 
-    env = initialize(cfg.parallel, seed=cfg.seed)   # NCCL with CUDA, gloo without
-    ...
-    shutdown()
+env = initialize(cfg.parallel, seed=cfg.seed)   # NCCL with CUDA, gloo without
+...
+shutdown()
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,13 +12,14 @@ import os
 import random
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from viq_megatron.config import ConfigError, ParallelConfig
 from viq_megatron.runtime import cpu_compat
@@ -50,14 +52,26 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Reads torchrun's variables, else srun's (one task per GPU), else a single process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+        return LaunchEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]
         # Derive the port from the job id so concurrent jobs sharing a node do not collide.
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 40000))
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         env.get("MASTER_ADDR", first_slurm_host(nodelist)), port, "slurm")
+        return LaunchEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR", first_slurm_host(nodelist)),
+            port,
+            "slurm",
+        )
     return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
@@ -69,14 +83,13 @@ def _free_port() -> int:
 
 def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """torch.distributed + Megatron-Core model-parallel groups + seeds, for this process."""
-    from megatron.core import parallel_state, tensor_parallel
-
     env = launch_env(environ)
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if env.world_size % model_parallel:
         raise ConfigError(
             f"parallel: {env.world_size} processes cannot be split into tensor x pipeline = "
-            f"{parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} groups")
+            f"{parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} groups"
+        )
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
@@ -87,14 +100,19 @@ def initialize(parallel: ParallelConfig, seed: int, environ: Mapping[str, str] |
             backend="nccl" if cuda else "gloo",
             # torchrun's agent already serves a store at MASTER_PORT: join it rather than bind the port.
             init_method="env://" if env.launcher == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10))
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=10),
+        )
     if parallel_state.model_parallel_is_initialized():  # a new job in the same process (tests)
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size
-        if parallel.virtual_pipeline_model_parallel_size > 1 else None)
+        if parallel.virtual_pipeline_model_parallel_size > 1
+        else None,
+    )
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -112,8 +130,6 @@ def setup_logging(rank: int) -> None:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -8,19 +8,30 @@ used) ends the process with exit status 2; an `OSError` (an unwritable folder, a
 with status 2 when it names a path the user gave that cannot be used, 1 otherwise. Anything
 else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import errno
 import json
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # The errno values that say "this path cannot be used" (usage), not "the machine failed".
-_UNUSABLE_PATH = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.EEXIST,
-                  errno.ENAMETOOLONG, errno.ELOOP}
+_UNUSABLE_PATH = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EROFS,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+}
 
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 

@@ -6,12 +6,13 @@ span records a pair of CUDA events on the current stream; the durations are read
 only when a logged step asks for them. On the CPU work is synchronous and spans use the
 wall clock.
 """
+
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -16,6 +16,7 @@ torch's checkpoint reader opens a checkpoint (it unpickles `.metadata` with plai
 non-tensor items with weights_only=False), every pickled part of it is checked to hold
 nothing that could run code (`verify_checkpoint`).
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,7 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from viq_megatron.config import Config
 from viq_megatron.models.hf_llm import CheckpointError
@@ -49,13 +54,17 @@ def left_out(cfg: Config, key: str) -> bool:
     own checkpoint at start-up and never changes (its LoRA adapters are saved). Everything else is
     saved, so that each stage's checkpoint is complete for the next one."""
     llm = cfg.model.llm
-    return (llm is not None and bool(llm.checkpoint) and "llm" in cfg.train.freeze and key.startswith("llm.")
-            and not is_adapter(key))
+    return (
+        llm is not None
+        and bool(llm.checkpoint)
+        and "llm" in cfg.train.freeze
+        and key.startswith("llm.")
+        and not is_adapter(key)
+    )
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -70,8 +79,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _step_folders(root: Path) -> list[Path]:
     """root's step folders, newest first (a step's .old folder after the step's own)."""
-    found = [(int(m.group(1)), m.group(2) is None, p) for p in root.glob("step_*")
-             if p.is_dir() and (m := _STEP_FOLDER.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), m.group(2) is None, p)
+        for p in root.glob("step_*")
+        if p.is_dir() and (m := _STEP_FOLDER.fullmatch(p.name))
+    ]
     return [p for *_, p in sorted(found, key=lambda f: f[:2], reverse=True)]
 
 
@@ -122,8 +134,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_state: dict,
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_state: dict, keep_last: int = 0) -> Path:
     """Writes step `step` atomically (see the module docstring); with `keep_last` > 0, then
     removes whole checkpoints older than the newest `keep_last`. An existing folder of the same
     step is replaced only by a whole new one."""
@@ -142,8 +153,11 @@ def save_checkpoint(root: str | Path, step: int, sharded_state: dict, trainer_st
     except (CheckpointException, RuntimeError, OSError) as e:
         # torch's writers lose the OSError (a worker's, or a zip writer's RuntimeError): say what can be known.
         reason = "" if isinstance(e, CheckpointException) else f"; {first_line(e)}"
-        raise OSError(getattr(e, "errno", None) or errno.EIO, "the checkpoint could not be written "
-                      f"({shutil.disk_usage(root).free / 2**20:.0f} MiB free there{reason})", str(staging)) from None
+        raise OSError(
+            getattr(e, "errno", None) or errno.EIO,
+            f"the checkpoint could not be written ({shutil.disk_usage(root).free / 2**20:.0f} MiB free there{reason})",
+            str(staging),
+        ) from None
     dist.barrier()
     if is_main_process():
         for path in staging.iterdir():
@@ -182,8 +196,9 @@ def checkpoint_step(path: str | Path) -> Path:
     step = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) or path
     if not (step / "trainer.pt").is_file() and not (step / ".metadata").is_file():
         if steps := _step_folders(path / "checkpoints") or _step_folders(path):
-            raise CheckpointError(f"{path}: no whole checkpoint there; the newest, {steps[0].name}: "
-                                  f"{checkpoint_problem(steps[0])}")
+            raise CheckpointError(
+                f"{path}: no whole checkpoint there; the newest, {steps[0].name}: {checkpoint_problem(steps[0])}"
+            )
         raise CheckpointError(f"{path}: no checkpoint there")
     # A step folder named directly (latest_checkpoint has checked the ones it found).
     if step == path and (problem := checkpoint_problem(step, marked=True)) is not None:
@@ -195,11 +210,23 @@ def checkpoint_step(path: str | Path) -> Path:
 # What torch's distributed-checkpoint metadata is pickled from (besides torch dtypes); a
 # `.metadata` that names anything else is refused before torch unpickles it.
 _METADATA_CLASSES = {
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    *(("torch.distributed.checkpoint.planner", name) for name in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    *(
+        ("torch.distributed.checkpoint.planner", name)
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
@@ -212,17 +239,18 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                   torch.dtype)):
+        if (module, name) in _METADATA_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
-        raise CheckpointError(f"{self.source}: refused: it would load {module}.{name}, which checkpoint metadata "
-                              "never holds (a crafted checkpoint?)")
+        raise CheckpointError(
+            f"{self.source}: refused: it would load {module}.{name}, which checkpoint metadata "
+            "never holds (a crafted checkpoint?)"
+        )
 
 
 def _read_metadata(step: Path):
     """The checkpoint's torch metadata, read through the allowlist unpickler."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     source = step / ".metadata"
     try:
         with open(source, "rb") as f:
@@ -240,8 +268,6 @@ def verify_checkpoint(step: Path) -> None:
     """Refuses (CheckpointError, one line naming the file) a checkpoint whose pickled parts could
     run code when torch reads them: `.metadata` may hold only the metadata classes above, and
     every non-tensor item in the shards must load with weights_only."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     source = step / ".metadata"
     metadata = _read_metadata(step)
     root = step.resolve()
@@ -250,53 +276,56 @@ def verify_checkpoint(step: Path) -> None:
             continue
         shard = step / info.relative_path
         if shard.resolve().parent != root or getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{source}: item {index.fqn} is stored as {info.relative_path!r} with "
-                                  f"{getattr(info, 'transform_descriptors', None)}; only plain shards in the "
-                                  "checkpoint's own folder are read")
+            raise CheckpointError(
+                f"{source}: item {index.fqn} is stored as {info.relative_path!r} with "
+                f"{getattr(info, 'transform_descriptors', None)}; only plain shards in the "
+                "checkpoint's own folder are read"
+            )
         try:
             with open(shard, "rb") as f:
                 f.seek(info.offset)
                 torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
         except Exception as e:  # noqa: BLE001 - refused globals, truncation, a missing shard
-            raise CheckpointError(f"{shard}: refused item {index.fqn}: it does not load as plain data "
-                                  f"({first_line(e)})") from None
+            raise CheckpointError(
+                f"{shard}: refused item {index.fqn}: it does not load as plain data ({first_line(e)})"
+            ) from None
 
 
-def load_shared_weights(modules: list[torch.nn.Module], path: str | Path, prefix: str = "",
-                        exclude: tuple[str, ...] = ()) -> tuple[int, int]:
+def load_shared_weights(
+    modules: list[torch.nn.Module], path: str | Path, prefix: str = "", exclude: tuple[str, ...] = ()
+) -> tuple[int, int]:
     """Loads the tensors of `modules` (this rank's pipeline chunks; keys under `prefix`) that a
     checkpoint holds: a run's output_dir, its checkpoints/ folder, or one step; keys starting with
     one of `exclude` keep their initialisation. Collective: every rank calls it, also one with
     nothing to load. Returns this rank's (loaded, wanted)."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
     path = checkpoint_step(path)
     available = dist_checkpointing.load_tensors_metadata(str(path))
-    wanted = {(i, k): v for i, module in enumerate(modules)
-              for k, v in module.sharded_state_dict(prefix=prefix).items()
-              if isinstance(v, (ShardedTensor, ShardedTensorFactory))}  # factories: e.g. SwiGLU's [gate; up]
+    wanted = {
+        (i, k): v
+        for i, module in enumerate(modules)
+        for k, v in module.sharded_state_dict(prefix=prefix).items()
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory))
+    }  # factories: e.g. SwiGLU's [gate; up]
     shared = {f"{i}/{k}": v for (i, k), v in wanted.items() if v.key in available and not k.startswith(exclude)}
     _check_shapes(path, shared)
     loaded = dist_checkpointing.load(shared, str(path))
     for i, module in enumerate(modules):
         mine = f"{i}/{prefix}"
-        module.load_state_dict({k[len(mine):]: v for k, v in loaded.items() if k.startswith(mine)}, strict=False)
+        module.load_state_dict({k[len(mine) :]: v for k, v in loaded.items() if k.startswith(mine)}, strict=False)
     return len(shared), len(wanted)
 
 
 def _check_shapes(path: Path, sharded_state: dict) -> None:
     """One line naming the first tensor whose saved shape differs from the model's."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     for tensor in nested_values(sharded_state):
         if isinstance(tensor, ShardedTensor) and tensor.key in saved:
             there, here = tuple(saved[tensor.key].global_shape), tuple(tensor.global_shape)
             if there != here:
-                raise CheckpointError(f"{path}: tensor {tensor.key} is {list(there)} there but {list(here)} in this "
-                                      "model (its config changed?)")
+                raise CheckpointError(
+                    f"{path}: tensor {tensor.key} is {list(there)} there but {list(here)} in this "
+                    "model (its config changed?)"
+                )
 
 
 def load_checkpoint(path: str | Path, sharded_state: dict) -> tuple[dict, dict]:

@@ -1,9 +1,12 @@
 """Training logs: console, tensorboard and a JSONL file, written by the first process only."""
+
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
 
 from viq_megatron.runtime.distributed import is_main_process
 
@@ -18,8 +21,6 @@ class MetricsLog:
         if self.enabled:
             output_dir = Path(output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
             self.file = open(output_dir / filename, "a")
 

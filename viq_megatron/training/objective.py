@@ -13,6 +13,7 @@ the unit, is the first term with a non-zero global count (the caption's answer t
 there are any): Megatron's division by C_u then leaves exactly the objective. The counts are
 known before the forward pass, so the normalisation is global, not per micro-batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,13 +32,17 @@ class Objective:
         self.unit = torch.argmax(counted.to(torch.int8))  # the first counted term (0 when none is)
         unit_count = torch.where(counted.any(), global_counts[self.unit], 1.0)
         # Terms with no weight (reported only) or nothing to count stay out of the loss.
-        self.scales = torch.where(counted & (self.weights != 0), self.weights * unit_count / global_counts.clamp(min=1),
-                                  0.0).float()
+        self.scales = torch.where(
+            counted & (self.weights != 0), self.weights * unit_count / global_counts.clamp(min=1), 0.0
+        ).float()
 
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """A micro-batch's (or a pipeline stage's) part of the objective, in units of the unit count."""
-        return sum(self.scales[self.names.index(n)] * v for n, v in terms.items()
-                   if self.weight_values[self.names.index(n)] != 0)
+        return sum(
+            self.scales[self.names.index(n)] * v
+            for n, v in terms.items()
+            if self.weight_values[self.names.index(n)] != 0
+        )
 
     def num_tokens(self, local_counts: dict[str, float]) -> torch.Tensor:
         """This micro-batch's share of the unit count (Megatron's clamp keeps an empty batch finite)."""

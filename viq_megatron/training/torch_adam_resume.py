@@ -10,6 +10,7 @@ the per-parameter `step` tensor torch's Adam keeps:
 `prepare_resume` mends both on the optimizers that wrap torch's Adam, and only on them: a
 fused Adam's optimizer, and the class itself, are left as they are.
 """
+
 from __future__ import annotations
 
 from types import MethodType
@@ -37,6 +38,7 @@ def prepare_resume(optimizer) -> None:
             for param in group["params"]:
                 state = chained.optimizer.state[param]
                 if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                 exp_avg_sq=torch.zeros_like(param))
+                    state.update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+                    )
         chained._set_main_param_and_optimizer_states = MethodType(_set_states_keeping_step, chained)

@@ -13,18 +13,18 @@ answer tokens, so a packed row, one sample alone or DP=2 all give the same numbe
 Megatron-Core's schedules do that normalisation (calculate_per_token_loss; see
 training/objective.py); the logged `loss` is the objective the optimizer minimises.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import resource
-import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,24 +37,27 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from viq_megatron.config import Config, ConfigError
-from viq_megatron.data.conversations import SampleError, read_conversations
-from viq_megatron.data.embedded import write_embedded_dataset
 from viq_megatron.data.loader import row_loader
-from viq_megatron.data.multimodal import PackedBatch, PackedConversationDataset, PackedTokenDataset
-from viq_megatron.data.text import HFTokenizer, SentencePieceTokenizer
+from viq_megatron.data.multimodal import PackedBatch
+from viq_megatron.data.training_data import build_training_data
 from viq_megatron.models.files import read_tokenizer_config
 from viq_megatron.models.flops import peak_flops
 from viq_megatron.models.hf_llm import CheckpointError
 from viq_megatron.models.lora import is_adapter
 from viq_megatron.models.provider import device, llm_arch, params_dtype
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging
-from viq_megatron.runtime.errors import InputError, check_writable, writing
+from viq_megatron.runtime.errors import check_writable
 from viq_megatron.runtime.timing import PhaseTimer
-from viq_megatron.training.checkpoint import (latest_checkpoint, left_out, load_checkpoint, load_shared_weights,
-                                               save_checkpoint)
+from viq_megatron.training.checkpoint import (
+    latest_checkpoint,
+    left_out,
+    load_checkpoint,
+    load_shared_weights,
+    save_checkpoint,
+)
 from viq_megatron.training.logs import MetricsLog
 from viq_megatron.training.objective import Objective
-from viq_megatron.training.stages import STAGES, Stage
+from viq_megatron.training.stages import Stage, stage_for
 from viq_megatron.training.torch_adam_resume import prepare_resume
 
 log = logging.getLogger("viq_megatron.train")
@@ -64,6 +67,7 @@ log = logging.getLogger("viq_megatron.train")
 class LossTotals:
     """A step's loss sums, on the device: [sum per term, 1 where some rank computed it, count per
     term], all global."""
+
     objective: Objective
     tensor: torch.Tensor
 
@@ -71,8 +75,45 @@ class LossTotals:
         """The objective (`loss`) and each term's global mean, from `tensor`'s values."""
         names = self.objective.names
         n = len(names)
-        return self.objective.means({name: values[i] for i, name in enumerate(names) if values[n + i] > 0},
-                                    values[2 * n:3 * n])
+        return self.objective.means(
+            {name: values[i] for i, name in enumerate(names) if values[n + i] > 0}, values[2 * n : 3 * n]
+        )
+
+
+class StepLosses:
+    """One step's forward_step for Megatron-Core's schedule, and the local sum of each loss term
+    it saw: `sums` holds [sum per term, 1 where this rank computed it], on the device."""
+
+    def __init__(self, stage: Stage, objective: Objective, train: bool):
+        self.stage, self.objective, self.train = stage, objective, train
+        self.names = objective.names
+        self.sums = torch.zeros(2 * len(self.names), dtype=torch.float64, device=device())
+
+    def record(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        report = {n: v.detach() for n, v in terms.items()}
+        for name, value in report.items():
+            i = self.names.index(name)
+            self.sums[i] += value.double()
+            self.sums[len(self.names) + i] = 1.0
+        return report
+
+    def loss_func(self, batch: PackedBatch, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Megatron-Core's loss contract, on the last pipeline stage."""
+        terms = self.stage.loss_terms(batch, output)
+        return self.objective.loss(terms), self.objective.num_tokens(self.stage.counts(batch)), self.record(terms)
+
+    def forward_step(self, data_iterator, chunk):
+        batch = next(data_iterator)
+        output = chunk(batch)
+        if chunk.module.post_process:
+            return output, partial(self.loss_func, batch)
+        terms = self.stage.loss_terms(batch, output)  # e.g. distillation, on the first stage
+        self.record(terms)
+        hidden = output.hidden_states
+        loss = self.objective.loss(terms)
+        if self.train and torch.is_tensor(loss) and loss.requires_grad:  # it rides on the output's backward
+            hidden = AddLossGradient.apply(hidden, loss)
+        return hidden, None
 
 
 class AddLossGradient(torch.autograd.Function):
@@ -91,20 +132,6 @@ class AddLossGradient(torch.autograd.Function):
         return grad_output, torch.ones_like(loss)
 
 
-def _read_split(cfg: Config, which: str, embedded_files: tuple[Path, Path] | None, counters: dict) -> list:
-    path = getattr(cfg.data, which)
-    if path == "embedded":
-        path = embedded_files[0 if which == "train" else 1]
-    samples = []
-    for item in read_conversations(path, cfg.data.root or None, cfg.data.allow_outside_root):
-        if isinstance(item, SampleError):
-            log.warning("skipped sample %s", item)
-            counters["malformed"] += 1
-        else:
-            samples.append(item)
-    return samples
-
-
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -112,35 +139,60 @@ def peak_memory_gib() -> float:
 
 
 class Trainer:
+    """Built in order: runtime, data, the stage's model, DDP, optimizer and LR schedule, metrics log,
+    stop signals, then resume or train.init_from. `train()` loops."""
+
     def __init__(self, cfg: Config, build_stage: Callable[[Config], Stage] | None = None):
-        """`build_stage`: builds the model and losses instead of `train.stage`'s builder (the
-        benchmarks' LLM-only ideal)."""
+        """`build_stage`: builds the model and losses instead of train.stage's class, reading the
+        same data (the benchmarks' LLM-only ideal)."""
         self.cfg = cfg
-        env = initialize(cfg.parallel, cfg.seed)
-        setup_logging(env.rank)
+        setup_logging(initialize(cfg.parallel, cfg.seed).rank)
         self.output_dir = Path(cfg.train.output_dir)
         if is_main_process():
             check_writable(self.output_dir / "metrics.jsonl")  # before any work
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        stage = stage_for(cfg)
+        self._build_data(stage)
+        self.stage = (build_stage or stage)(cfg)
+        self.model = self._wrap_model(self.stage.chunks)
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self._configure_schedule()
+        self.metrics = MetricsLog(self.output_dir)
+        self.step = 0
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0
+        self._loader, self._loader_step = None, None
+        # Slurm sends SIGUSR1 before the time limit (#SBATCH --signal), and SIGTERM on preemption:
+        # finish the step, save, exit cleanly.
+        self.stop_requested = False
+        self.cpu_group = dist.new_group(backend="gloo")
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._request_stop)
+        if cfg.train.resume and (last := latest_checkpoint(self.checkpoint_dir)) is not None:
+            self.load(last)
+        elif cfg.train.init_from:
+            self.init_from(Path(cfg.train.init_from))
 
-        # Data: offline token files for the discrete and cached stages (codes, or the tokenizer's
-        # encoder features), conversations with images otherwise.
-        self.counters = {"malformed": 0, "skipped_rows": 0}
-        if cfg.train.stage in ("discrete", "cached"):
-            width = (read_tokenizer_config(cfg.model.viq_tokenizer)[0].model.encoder.hidden_size
-                     if cfg.train.stage == "cached" else None)
-            self.train_data = PackedTokenDataset(cfg.data.train, cfg.data.seq_length, cfg.seed, feature_width=width)
-            self.val_data = PackedTokenDataset(cfg.data.val, cfg.data.seq_length, cfg.seed, shuffle=False,
-                                               feature_width=width)
-        else:
-            self._conversation_data(cfg)
+    # ------------------------------------------------------------------ set-up pieces
+    def _build_data(self, stage: type[Stage]) -> None:
+        """The datasets (offline token files, or conversations with images: as the stage reads them)."""
+        cfg = self.cfg
+        width = (
+            read_tokenizer_config(cfg.model.viq_tokenizer)[0].model.encoder.hidden_size
+            if stage.data == "features"
+            else None
+        )
+        data = build_training_data(
+            cfg, stage.data, self.output_dir, llm_arch(cfg).vocab_size, stage.teacher_images, width
+        )
+        self.train_data, self.val_data = data.train, data.val
+        self.counters = {"malformed": data.malformed, "skipped_rows": 0}
 
-
-        # Model (this rank's pipeline chunks), freezing, DDP, optimizer.
-        self.stage = (build_stage or STAGES[cfg.train.stage])(cfg)
-        chunks = self.stage.chunks
-        frozen = (*self.stage.frozen, *cfg.train.freeze)  # frozen parameters never reach the optimizer
+    def _wrap_model(self, chunks: list) -> list[DistributedDataParallel]:
+        """Freezes what the stage and train.freeze name (frozen parameters never reach the
+        optimizer), then wraps each chunk in Megatron-Core DDP."""
+        cfg = self.cfg
+        frozen = (*self.stage.frozen, *cfg.train.freeze)
         for chunk in chunks:
             for name, param in chunk.named_parameters():  # LoRA adapters train inside frozen modules
                 if any(name == p or name.startswith(p + ".") for p in frozen) and not is_adapter(name):
@@ -148,50 +200,72 @@ class Trainer:
             # Megatron-Core normalises the objective over the global batch (objective.py).
             chunk.config.calculate_per_token_loss = True
         parameters, trainable = self._global_sum(
-            [sum(p.numel() for c in chunks for p in c.parameters()),
-             sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)], pipeline=True)
+            [
+                sum(p.numel() for c in chunks for p in c.parameters()),
+                sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad),
+            ],
+            pipeline=True,
+        )
         if trainable == 0:
             raise ConfigError(f"train.freeze: {cfg.train.freeze} leaves nothing to train")
-        parallel = cfg.parallel
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
-            overlap_grad_reduce=parallel.overlap_grad_reduce)
-        # Megatron-LM's convention: gradient buckets in the first chunk only.
-        self.model = [DistributedDataParallel(config=chunk.config, module=chunk, ddp_config=ddp_config,
-                                              disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
-        dtype = params_dtype(cfg.model.params_dtype)
-        opt = cfg.train.optimizer
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-                                    adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-                                    clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                                    use_distributed_optimizer=parallel.distributed_optimizer),
-            self.model)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
-            lr_decay_steps=cfg.train.steps, lr_decay_style="cosine", start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant")
-        self._configure_schedule()
-        self.metrics = MetricsLog(self.output_dir)
-        self.step = 0
-        self.nonfinite_steps = self.nonfinite_in_a_row = 0
-        # Slurm sends SIGUSR1 before the time limit (#SBATCH --signal), and SIGTERM on preemption:
-        # finish the step, save, exit cleanly.
-        self.stop_requested = False
-        self.cpu_group = dist.new_group(backend="gloo")
-        self._loader, self._loader_step = None, None
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._request_stop)
         if is_main_process():
-            log.info("stage %s: %.1fM trainable of %.1fM parameters (summed over pipeline stages, per "
-                     "tensor-parallel rank); %d train / %d val samples (%d rows/epoch), %d skipped, %d malformed",
-                     cfg.train.stage, trainable / 1e6, parameters / 1e6, len(self.train_data.samples),
-                     len(self.val_data.samples), self.train_data.rows_per_epoch(),
-                     len(self.train_data.skipped) + len(self.val_data.skipped), self.counters["malformed"])
-        if cfg.train.resume and (last := latest_checkpoint(self.checkpoint_dir)) is not None:
-            self.load(last)
-        elif cfg.train.init_from:
-            self.init_from(Path(cfg.train.init_from))
+            log.info(
+                "stage %s: %.1fM trainable of %.1fM parameters (summed over pipeline stages, per "
+                "tensor-parallel rank); %d train / %d val samples (%d rows/epoch), %d skipped, %d malformed",
+                cfg.train.stage,
+                trainable / 1e6,
+                parameters / 1e6,
+                len(self.train_data.samples),
+                len(self.val_data.samples),
+                self.train_data.rows_per_epoch(),
+                len(self.train_data.skipped) + len(self.val_data.skipped),
+                self.counters["malformed"],
+            )
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        )
+        # Megatron-LM's convention: gradient buckets in the first chunk only.
+        return [
+            DistributedDataParallel(config=chunk.config, module=chunk, ddp_config=ddp_config, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+
+    def _build_optimizer(self) -> tuple:
+        """Megatron-Core's optimizer (Adam) and its LR schedule: warm-up, then cosine decay."""
+        cfg, opt = self.cfg, self.cfg.train.optimizer
+        dtype = params_dtype(cfg.model.params_dtype)
+        optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                params_dtype=dtype,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            ),
+            self.model,
+        )
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=opt.warmup_steps,
+            lr_decay_steps=cfg.train.steps,
+            lr_decay_style="cosine",
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=cfg.train.steps,
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
 
     def _configure_schedule(self) -> None:
         """What Megatron-Core's schedules read from the model config (as Megatron-LM sets it)."""
@@ -219,51 +293,6 @@ class Trainer:
         dist.all_reduce(flag, group=self.cpu_group)
         return flag.item() > 0
 
-    # ------------------------------------------------------------------ set-up pieces
-    def _conversation_data(self, cfg: Config) -> None:
-        embedded = None
-        if "embedded" in (cfg.data.train, cfg.data.val):
-            folder = self.output_dir / "embedded_data"
-            if is_main_process():
-                with writing(folder):
-                    write_embedded_dataset(folder, cfg.data.embedded, cfg.seed)
-            dist.barrier()
-            embedded = (folder / "train.jsonl", folder / "val.jsonl")
-        train_samples = _read_split(cfg, "train", embedded, self.counters)
-        if not train_samples:  # rather than SentencePiece's or the packer's error about nothing
-            raise InputError(f"{embedded[0] if cfg.data.train == 'embedded' else cfg.data.train}: no usable training "
-                             f"sample ({self.counters['malformed']} malformed, see the warnings above)")
-        val_samples = _read_split(cfg, "val", embedded, self.counters)
-        tokenizer = self._build_tokenizer(train_samples)
-        teacher_side = cfg.data.teacher_image_size if cfg.train.stage == "stage1" else None  # only stage 1's teacher
-        common = dict(tokenizer=tokenizer, rules=cfg.data.image, patch=cfg.model.encoder.patch_size,
-                      seq_length=cfg.data.seq_length, teacher_side=teacher_side, seed=cfg.seed)
-        self.train_data = PackedConversationDataset(train_samples, augment=cfg.data.augment, **common)
-        self.val_data = PackedConversationDataset(val_samples, shuffle=False, **common)
-
-    def _build_tokenizer(self, train_samples):
-        llm = self.cfg.model.llm
-        if llm.tokenizer.kind == "checkpoint":
-            source = Path(llm.checkpoint) / "tokenizer"
-            tokenizer = HFTokenizer(source)
-        else:
-            source = self.output_dir / "tokenizer.model"
-            if is_main_process():
-                if llm.tokenizer.sentencepiece_model:  # the run keeps a copy, as evaluation looks for it there
-                    source.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(llm.tokenizer.sentencepiece_model, source)
-                else:
-                    SentencePieceTokenizer.train((t.text for s in train_samples for t in s.turns),
-                                                 llm.tokenizer.sentencepiece_vocab_size, source.with_suffix(""))
-            dist.barrier()
-            tokenizer = SentencePieceTokenizer(source)
-        vocab_size = llm_arch(self.cfg).vocab_size
-        if tokenizer.vocab_size > vocab_size:  # ids past the embedding table would index out of range
-            raise ConfigError(f"{llm.tokenizer.sentencepiece_model or source}: its {tokenizer.vocab_size} tokens do not "
-                              f"fit the LLM's vocabulary of "
-                              f"{vocab_size} (model.llm)")
-        return tokenizer
-
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
@@ -271,22 +300,28 @@ class Trainer:
     def _checkpointed_state(self, is_loading: bool = False) -> dict:
         # Tensors are keyed by global names (layer numbers across pipeline stages included), so
         # any tensor, pipeline or data-parallel layout can load what another saved.
-        states = [{k: v for k, v in chunk.module.sharded_state_dict().items() if not left_out(self.cfg, k)}
-                  for chunk in self.model]
+        states = [
+            {k: v for k, v in chunk.module.sharded_state_dict().items() if not left_out(self.cfg, k)}
+            for chunk in self.model
+        ]
         model_state = dict(zip(self._chunk_keys(), states))
         # A sharded optimizer state is saved so that any data-parallel size can load it.
-        metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if self.cfg.parallel.distributed_optimizer \
-            else None
-        return {**model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)}
+        metadata = (
+            {"distrib_optim_sharding_type": "fully_reshardable"} if self.cfg.parallel.distributed_optimizer else None
+        )
+        return {
+            **model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata),
+        }
 
     def _chunk_keys(self) -> list[str]:
         return ["model"] if len(self.model) == 1 else [f"model{i}" for i in range(len(self.model))]
 
     def save(self) -> None:
         trainer_state = {"step": self.step, "scheduler": self.scheduler.state_dict()}
-        path = save_checkpoint(self.checkpoint_dir, self.step, self._checkpointed_state(), trainer_state,
-                               self.cfg.train.keep_last)
+        path = save_checkpoint(
+            self.checkpoint_dir, self.step, self._checkpointed_state(), trainer_state, self.cfg.train.keep_last
+        )
         log.info("saved %s", path)
 
     def init_from(self, path: Path) -> None:
@@ -298,7 +333,7 @@ class Trainer:
         if loaded == 0:
             raise CheckpointError(f"{path}: shares no weights with stage {self.cfg.train.stage} (train.init_from)")
         log.info("initialised %d tensors from %s (%d others not in it)", loaded, path, wanted - loaded)
-        self.stage.on_init_from()
+        self.stage.after_init_from()
 
     def load(self, path: Path) -> None:
         if self.cfg.parallel.distributed_optimizer:
@@ -321,8 +356,9 @@ class Trainer:
     def _next_batches(self) -> list[PackedBatch]:
         """This step's rows, from the DataLoader that has been building them ahead."""
         if self._loader_step != self.step:  # first step, or a jump (resume): start the workers there
-            self._loader = row_loader(self.train_data, self._rows, self.step, self.cfg.data.num_workers,
-                                      self.cfg.data.prefetch)
+            self._loader = row_loader(
+                self.train_data, self._rows, self.step, self.cfg.data.num_workers, self.cfg.data.prefetch
+            )
         self._loader_step = self.step + 1
         return [next(self._loader) for _ in range(self.cfg.train.micro_batches)]
 
@@ -342,43 +378,22 @@ class Trainer:
     def _losses(self, batches: list[PackedBatch], train: bool) -> LossTotals:
         """Forward (and backward when training) over this rank's batches through Megatron-Core's
         schedule. Nothing here waits for the device."""
-        stage, names = self.stage, list(self.stage.weights)
-        local_counts = torch.tensor([sum(stage.counts(b).get(n, 0.0) for b in batches) for n in names],
-                                    dtype=torch.float64).to(device())
-        objective = Objective(stage.weights, self._reduce(local_counts))
-        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device())  # local sums; 1 where computed
-
-        def record(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            report = {n: v.detach() for n, v in terms.items()}
-            for name, value in report.items():
-                i = names.index(name)
-                sums[i] += value.double()
-                sums[len(names) + i] = 1.0
-            return report
-
-        def loss_func(batch: PackedBatch, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
-            terms = stage.loss_terms(batch, output)
-            return objective.loss(terms), objective.num_tokens(stage.counts(batch)), record(terms)
-
-        def forward_step(data_iterator, chunk):
-            batch = next(data_iterator)
-            output = chunk(batch)
-            if chunk.module.post_process:
-                return output, partial(loss_func, batch)
-            terms = stage.loss_terms(batch, output)  # e.g. distillation, on the first stage
-            record(terms)
-            hidden = output.hidden_states
-            loss = objective.loss(terms)
-            if train and torch.is_tensor(loss) and loss.requires_grad:  # it rides on the output's backward
-                hidden = AddLossGradient.apply(hidden, loss)
-            return hidden, None
-
+        names = list(self.stage.weights)
+        local_counts = torch.tensor(
+            [sum(self.stage.counts(b).get(n, 0.0) for b in batches) for n in names], dtype=torch.float64
+        ).to(device())
+        step = StepLosses(self.stage, Objective(self.stage.weights, self._reduce(local_counts)), train)
         if batches:  # a small validation set can leave a data-parallel rank without a row
             get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.model], model=self.model,
-                num_microbatches=len(batches), seq_length=self.cfg.data.seq_length, micro_batch_size=1,
-                forward_only=not train)
-        return LossTotals(objective, torch.cat([self._reduce(sums, pipeline=True), objective.counts]))
+                forward_step_func=step.forward_step,
+                data_iterator=[iter(batches) for _ in self.model],
+                model=self.model,
+                num_microbatches=len(batches),
+                seq_length=self.cfg.data.seq_length,
+                micro_batch_size=1,
+                forward_only=not train,
+            )
+        return LossTotals(step.objective, torch.cat([self._reduce(step.sums, pipeline=True), step.objective.counts]))
 
     def _optimizer_step(self) -> float | None:
         """Megatron-Core's optimizer step, with the gradient norm read once (the step's one host
@@ -416,20 +431,28 @@ class Trainer:
         if grad_norm is None:
             self.nonfinite_steps += 1
             self.nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite gradient norm (a NaN/inf loss or gradient), update skipped "
-                        "(%d in a row)", self.step + 1, self.nonfinite_in_a_row)
+            log.warning(
+                "step %d: non-finite gradient norm (a NaN/inf loss or gradient), update skipped (%d in a row)",
+                self.step + 1,
+                self.nonfinite_in_a_row,
+            )
             if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
-                raise FloatingPointError(f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
-                                         f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); "
-                                         f"stopping at step {self.step + 1}")
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
+                    f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); "
+                    f"stopping at step {self.step + 1}"
+                )
         else:
             self.nonfinite_in_a_row = 0
         self.scheduler.step(increment=1)
         self.step += 1
         host_time = time.perf_counter() - start
         self.counters["skipped_rows"] += sum(len(b.skipped) for b in batches)
-        local = [sum(len(b.sources) for b in batches), sum(len(b.tokens) for b in batches),
-                 sum(self.stage.flops(b) for b in batches)]
+        local = [
+            sum(len(b.sources) for b in batches),
+            sum(len(b.tokens) for b in batches),
+            sum(self.stage.flops(b) for b in batches),
+        ]
         throughput = self._reduce(torch.tensor(local, dtype=torch.float64).to(device()))
         lr, nonfinite_steps = self.optimizer.param_groups[0]["lr"], self.nonfinite_steps
 
@@ -441,15 +464,24 @@ class Trainer:
             flops_per_device = flops / dist.get_world_size() / seconds
             peak = peak_flops(device())
             visual = phases.get("visual", 0.0)
-            return {**losses.means(values[:-3]), "lr": lr,
-                    "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-                    "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                    "tflops_per_device": flops_per_device / 1e12,
-                    **({"mfu": flops_per_device / peak} if peak else {}),
-                    "step_time_s": seconds, "data_time_s": data_time, "visual_time_s": visual,
-                    "llm_time_s": phases["forward_backward"] - visual, "optimizer_time_s": phases["optimizer"],
-                    "peak_memory_gib": peak_memory_gib(), "skipped": float(grad_norm is None),
-                    "nonfinite_steps": float(nonfinite_steps)}
+            return {
+                **losses.means(values[:-3]),
+                "lr": lr,
+                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                "samples_per_s": samples / seconds,
+                "tokens_per_s": tokens / seconds,
+                "tflops_per_device": flops_per_device / 1e12,
+                **({"mfu": flops_per_device / peak} if peak else {}),
+                "step_time_s": seconds,
+                "data_time_s": data_time,
+                "visual_time_s": visual,
+                "llm_time_s": phases["forward_backward"] - visual,
+                "optimizer_time_s": phases["optimizer"],
+                "peak_memory_gib": peak_memory_gib(),
+                "skipped": float(grad_norm is None),
+                "nonfinite_steps": float(nonfinite_steps),
+            }
+
         return read, extra
 
     def train_step(self) -> dict[str, float]:
@@ -479,12 +511,22 @@ class Trainer:
         while self.step < cfg.steps:
             read_metrics, extra = self._step()
             if "codebook_usage" in extra:
-                self.metrics.write(self.step, "codebook", {k: extra.pop(k) for k in list(extra)
-                                                           if k.startswith(("codebook", "codes", "level"))})
+                self.metrics.write(
+                    self.step,
+                    "codebook",
+                    {k: extra.pop(k) for k in list(extra) if k.startswith(("codebook", "codes", "level"))},
+                )
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.metrics.write(self.step, "train", {**read_metrics(), **extra, "skipped_samples": float(
-                    len(self.train_data.skipped) + self.counters["skipped_rows"]),
-                    "malformed_samples": float(self.counters["malformed"])})
+                self.metrics.write(
+                    self.step,
+                    "train",
+                    {
+                        **read_metrics(),
+                        **extra,
+                        "skipped_samples": float(len(self.train_data.skipped) + self.counters["skipped_rows"]),
+                        "malformed_samples": float(self.counters["malformed"]),
+                    },
+                )
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 last_eval = self.evaluate()
                 self.metrics.write(self.step, "val", last_eval)

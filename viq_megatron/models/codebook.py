@@ -3,12 +3,14 @@
 Low usage (codebook collapse) is the classic failure of VQ tokenizers; FSQ resists it,
 and these numbers show whether it does here.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from viq_megatron.models.quantizers import FSQ
 
@@ -26,8 +28,6 @@ class CodebookStats:
 
     def summary(self) -> dict[str, float | list]:
         """Global (all-reduced) statistics of the codes seen since the last summary; resets."""
-        from megatron.core import parallel_state
-
         counts = self.counts.to("cuda" if torch.cuda.is_available() else "cpu", copy=True)  # NCCL: device tensors
         if dist.is_initialized():  # tensor-parallel ranks saw the same codes: sum over data parallel only
             dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
@@ -43,8 +43,13 @@ def codebook_summary(counts: torch.Tensor, fsq: FSQ) -> dict[str, float | list]:
         return {}
     p = counts[counts > 0].double() / total
     digits = fsq.level_digits(torch.arange(fsq.codebook_size))
-    histograms = [[round(counts[digits[:, k] == level].sum().item() / total, 4) for level in range(levels)]
-                  for k, levels in enumerate(fsq.levels)]
-    return {"codebook_usage": (counts > 0).sum().item() / fsq.codebook_size,
-            "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
-            "codes_seen": total, "level_histograms": histograms}
+    histograms = [
+        [round(counts[digits[:, k] == level].sum().item() / total, 4) for level in range(levels)]
+        for k, levels in enumerate(fsq.levels)
+    ]
+    return {
+        "codebook_usage": (counts > 0).sum().item() / fsq.codebook_size,
+        "codebook_perplexity": math.exp(-(p * p.log()).sum().item()),
+        "codes_seen": total,
+        "level_histograms": histograms,
+    }
