@@ -122,33 +122,28 @@ def path_runs(
             None,
         )
     runs["discrete"] = ([*common, *discrete], None)
-    runs["ideal"] = ([*common, *discrete], ideal_stage)
+    runs["ideal"] = ([*common, *discrete], IdealStage)
     return runs
 
 
-def ideal_stage(cfg):
+class GivenEmbeddings(MegatronModule):
+    """Precomputed visual embeddings of the scale an LLM's own have (zeros would drive CPU
+    arithmetic into denormals): the visual input of the LLM-only ideal."""
+
+    def __init__(self, config, rows: int, dtype: torch.dtype):
+        super().__init__(config=config)
+        table = torch.randn(rows, config.hidden_size, device=device(), dtype=dtype)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, batch) -> VisualOutput:
+        return VisualOutput(self.table[: len(batch.visual_positions)])
+
+
+class IdealStage(Discrete):
     """The discrete run's stage with the visual embeddings given: the LLM step alone."""
 
-    class GivenEmbeddings(MegatronModule):
-        """Precomputed embeddings of the scale an LLM's own have (zeros would drive CPU
-        arithmetic into denormals)."""
-
-        def __init__(self, config, hidden: int):
-            super().__init__(config=config)
-            self.register_buffer(
-                "table",
-                torch.randn(cfg.data.seq_length, hidden, device=device(), dtype=params_dtype(cfg.model.params_dtype)),
-                persistent=False,
-            )
-
-        def forward(self, batch) -> VisualOutput:
-            return VisualOutput(self.table[: len(batch.visual_positions)])
-
-    class Ideal(Discrete):
-        def build_visual(self, cfg, llm_config) -> GivenEmbeddings:
-            return GivenEmbeddings(llm_config, llm_config.hidden_size)
-
-    return Ideal(cfg)
+    def build_visual(self, cfg, llm_config) -> GivenEmbeddings:
+        return GivenEmbeddings(llm_config, cfg.data.seq_length, params_dtype(cfg.model.params_dtype))
 
 
 def time_paths(trainers: dict, warmup: int, steps: int, pause: float) -> dict[str, list[tuple[float, float]]]:

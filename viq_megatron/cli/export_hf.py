@@ -50,12 +50,7 @@ def llm_weights(llm, lora_scale: float) -> dict:
 def save_visual(model, visual_cfg, impl: str, out: Path) -> None:
     """The visual input's weights (TP=1) and the config that rebuilds it (hf_adapter.ViQVisual)."""
     out.mkdir(parents=True, exist_ok=True)
-    training_only = ("teacher.", "pooling.")  # stage 1's distillation target
-    weights = {
-        k: v.contiguous()
-        for k, v in full_state_dict(model.visual).items()
-        if not k.startswith(training_only) and not k.endswith("_extra_state")
-    }
+    weights = {k: v.contiguous() for k, v in full_state_dict(model.visual).items() if not k.endswith("_extra_state")}
     save_file(weights, str(out / WEIGHTS_FILE))
     head = getattr(model.visual, "head", None) is not None
     config = visual_config(visual_cfg, model.llm.config.hidden_size, head=head)

@@ -38,8 +38,6 @@ class Stage:
     teacher_images: ClassVar[bool] = False
     # Module prefixes the stage never trains (train.freeze adds more).
     frozen: ClassVar[tuple[str, ...]] = ()
-    # Key prefixes its checkpoints hold that inference does without (training-only modules).
-    training_only: ClassVar[tuple[str, ...]] = ()
     # An LLM that answers questions (evaluation, export to Hugging Face).
     answers: ClassVar[bool] = True
 
@@ -78,10 +76,10 @@ class Stage:
 
     @classmethod
     def inference_model(cls, cfg: Config, online: bool) -> tuple[MegatronModule, Config, tuple[str, ...]]:
-        """(the model to load a checkpoint of this stage into, the config its visual input reads
-        images with, key prefixes the checkpoint need not hold). `online`: questions come with
-        images (else as offline codes)."""
-        return cls(cfg).chunks[0], cfg, cls.training_only
+        """(the model to load a checkpoint of this stage into, without training-only parts; the
+        config its visual input reads images with; key prefixes the checkpoint need not hold).
+        `online`: questions come with images (else as offline codes)."""
+        return cls(cfg).chunks[0], cfg, ()
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -163,6 +161,35 @@ class CaptionStage(Stage):
             lengths = (batch.images.cu_seqlens[1:] - batch.images.cu_seqlens[:-1]).tolist()
             total += (3 if trained else 1) * vit_forward_flops(self.cfg.model.encoder, lengths)
         return total
+
+
+class OfflineStage(CaptionStage):
+    """A caption stage that trains on offline token files which model.viq_tokenizer made (its
+    codes, or its encoder's features): no image at training time. Inference reads questions with
+    images through that tokenizer's `online_parts`, in the visual input `online_visual` builds."""
+
+    needs_tokenizer: ClassVar[str]  # what the stage takes from the tokenizer (for the config error)
+    online_parts: ClassVar[tuple[str, ...]]
+
+    @staticmethod
+    def online_visual(cfg: Config, llm_hidden_size: int) -> MegatronModule:
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        require(
+            bool(cfg.model.viq_tokenizer),
+            "model.viq_tokenizer",
+            f"missing (the {cls.name} stage {cls.needs_tokenizer})",
+        )
+
+    @classmethod
+    def inference_model(cls, cfg: Config, online: bool) -> tuple[MegatronModule, Config, tuple[str, ...]]:
+        if not online:
+            return super().inference_model(cfg, online)
+        model, tokenizer_cfg = tokenizer_visual_model(cfg, cls.online_visual, cls.online_parts)
+        return model, tokenizer_cfg, ("visual.",)  # the run's checkpoint holds what it trained (the projector)
 
 
 def tokenizer_visual_model(cfg: Config, build_visual, parts: tuple[str, ...]) -> tuple[MegatronModule, Config]:

@@ -5,24 +5,30 @@ encoder anchors its pooled features (self-distillation)."""
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 
 from viq_megatron.config import Config
 from viq_megatron.data.multimodal import PackedBatch
 from viq_megatron.models.multimodal import EncoderVisualInput, VisualOutput
 from viq_megatron.models.provider import encoder_input
 from viq_megatron.training.stages.base import CaptionStage
+from viq_megatron.training.stages.continuous import Continuous
 
 
 class Stage1(CaptionStage):
     name = "stage1"
     teacher_images = True
     frozen = ("visual.teacher", "visual.pooling")
-    training_only = ("visual.teacher.", "visual.pooling.")  # the distillation target
 
     def build_visual(self, cfg: Config, llm_config) -> EncoderVisualInput:
         visual = encoder_input(cfg, llm_config.hidden_size, teacher=True)
         visual.teacher.load_state_dict(visual.encoder.state_dict())  # the encoder stage 1 starts from
         return visual
+
+    @classmethod
+    def inference_model(cls, cfg: Config, online: bool) -> tuple[MegatronModule, Config, tuple[str, ...]]:
+        """The continuous model: the teacher and its pooling head are the distillation target only."""
+        return Continuous(cfg).chunks[0], cfg, ()
 
     def after_init_from(self) -> None:
         if self.visual is not None:  # the teacher is the loaded encoder
