@@ -58,6 +58,8 @@ setup(
             "viq-bench-llm=viq_megatron.cli.bench_llm:main",
             "viq-bench-cpu-compat=viq_megatron.cli.bench_cpu_compat:main",
             "viq-compare-throughput=viq_megatron.cli.compare_throughput:main",
+            "viq-probe-encoder=viq_megatron.cli.probe_encoder:main",
+            "viq-compare-runs=viq_megatron.cli.compare_runs:main",
             "viq-plan-layout=viq_megatron.cli.plan_layout:main",
             "viq-plot-metrics=viq_megatron.cli.plot_metrics:main",
         ],

@@ -1,0 +1,151 @@
+"""What a frozen visual representation knows about a scene: the linear-probing protocol of
+tokenizer papers, on procedurally rendered scenes whose every property is exact.
+
+Each kind is a single-label question about the scene, read off the parameters it was drawn
+from: the background colour (its first tone), the number of objects, and the colour, shape and
+position (a 3x3 grid cell of its centre) of the largest object. A probe per kind, an
+attention-pooling readout (one learned query over the image's tokens, then LayerNorm and a
+linear layer), learns from the frozen tokens of training scenes and is scored on held-out
+scenes. The scenes use their own seed (PROBE_SEED), so no run's embedded data, and no other
+benchmark, shows them; held-out scenes come from the validation index range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from viq_megatron.data.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, VAL_START, Scene, render_scene
+
+PROBE_SEED = 9_173_311  # scenes no run or other benchmark renders (they use the run's seed)
+MAX_OBJECTS = 5  # scenes draw 1 to 5 objects
+KINDS: dict[str, int] = {  # kind -> number of classes
+    "background": len(BACKGROUND_COLOURS),
+    "count": MAX_OBJECTS + 1,
+    "colour": len(OBJECT_COLOURS),
+    "shape": len(SHAPES),
+    "position": 9,
+}
+
+# A frozen representation: images -> one [tokens, width] tensor each.
+Features = Callable[[Sequence[Image.Image]], list[torch.Tensor]]
+
+
+def scene_labels(scene: Scene) -> dict[str, int]:
+    """The class of each kind for one scene."""
+    largest = max(scene.objects, key=lambda o: (o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))
+    width, height = scene.image.size
+    column = min(2, 3 * (largest.bbox[0] + largest.bbox[2]) // (2 * width))
+    row = min(2, 3 * (largest.bbox[1] + largest.bbox[3]) // (2 * height))
+    return {
+        "background": BACKGROUND_COLOURS.index(scene.background[0]),
+        "count": min(len(scene.objects), MAX_OBJECTS),
+        "colour": OBJECT_COLOURS.index(largest.colour),
+        "shape": SHAPES.index(largest.shape),
+        "position": 3 * row + column,
+    }
+
+
+@dataclass
+class ProbeSet:
+    features: list[torch.Tensor]  # [tokens, width] per scene, float32
+    labels: dict[str, torch.Tensor]  # kind -> [scenes]
+
+
+def probe_set(features: Features, count: int, held_out: bool, batch: int = 16) -> ProbeSet:
+    """`count` scenes with objects (train: indices 0.., held out: from VAL_START) and their labels."""
+    scenes, index = [], VAL_START if held_out else 0
+    while len(scenes) < count:
+        scene = render_scene(index, PROBE_SEED)
+        index += 1
+        if scene.objects:
+            scenes.append(scene)
+    tokens = []
+    with torch.no_grad():
+        for start in range(0, count, batch):
+            tokens += [t.float().cpu() for t in features([s.image for s in scenes[start : start + batch]])]
+    labels = [scene_labels(s) for s in scenes]
+    return ProbeSet(tokens, {k: torch.tensor([lab[k] for lab in labels]) for k in KINDS})
+
+
+class AttentionProbe(torch.nn.Module):
+    """One learned query per kind attends over an image's tokens; LayerNorm, then a linear layer."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.zeros(len(KINDS), width))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for _ in KINDS)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in KINDS.values())
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens [B, L, C], mask [B, L] (True on real tokens) -> logits per kind [B, classes]."""
+        scores = torch.einsum("blc,kc->bkl", tokens, self.queries) / tokens.shape[-1] ** 0.5
+        weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        pooled = torch.einsum("bkl,blc->bkc", weights, tokens)
+        return {
+            kind: head(norm(pooled[:, i])) for i, (kind, norm, head) in enumerate(zip(KINDS, self.norms, self.heads))
+        }
+
+
+def _padded(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(f) for f in features])
+    tokens = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
+    return tokens, torch.arange(tokens.shape[1])[None] < lengths[:, None]
+
+
+def train_probe(train: ProbeSet, steps: int, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> AttentionProbe:
+    """The probe after `steps` Adam steps on random batches of the training scenes."""
+    generator = torch.Generator().manual_seed(seed)
+    width = train.features[0].shape[-1]
+    # Tokens of any scale: standardised per channel with the training set's statistics.
+    every = torch.cat(train.features)
+    mean, std = every.mean(0), every.std(0).clamp(min=1e-6)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = AttentionProbe(width)
+    probe.register_buffer("mean", mean)
+    probe.register_buffer("std", std)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    for _ in range(steps):
+        chosen = torch.randint(len(train.features), (min(batch, len(train.features)),), generator=generator)
+        tokens, mask = _padded([(train.features[i] - mean) / std for i in chosen.tolist()])
+        logits = probe(tokens, mask)
+        loss = sum(F.cross_entropy(logits[k], train.labels[k][chosen]) for k in KINDS)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return probe
+
+
+@torch.no_grad()
+def score_probe(probe: AttentionProbe, held_out: ProbeSet) -> dict[str, float]:
+    """Accuracy per kind on the held-out scenes, and their mean as `all`."""
+    tokens, mask = _padded([(f - probe.mean) / probe.std for f in held_out.features])
+    logits = probe(tokens, mask)
+    scores = {k: (logits[k].argmax(-1) == held_out.labels[k]).float().mean().item() for k in KINDS}
+    return {**scores, "all": sum(scores.values()) / len(scores)}
+
+
+def majority_rates(train: ProbeSet, held_out: ProbeSet) -> dict[str, float]:
+    """Accuracy of always answering each kind's most common training class (the prior)."""
+    rates = {k: (held_out.labels[k] == train.labels[k].mode().values).float().mean().item() for k in KINDS}
+    return {**rates, "all": sum(rates.values()) / len(rates)}
+
+
+def pixel_features(patch: int = 16, side: int = 128) -> Features:
+    """Raw pixels as tokens (each image resized to `side`, one token per patch): the reference a
+    learned representation should beat on what needs more than colour at one place."""
+
+    def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        out = []
+        for image in images:
+            pixels = torch.tensor(list(image.convert("RGB").resize((side, side)).getdata()), dtype=torch.float32)
+            grid = pixels.reshape(side // patch, patch, side // patch, patch, 3).permute(0, 2, 1, 3, 4)
+            out.append(grid.reshape(-1, patch * patch * 3) / 255)
+        return out
+
+    return features

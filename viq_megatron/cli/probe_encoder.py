@@ -1,0 +1,71 @@
+"""What a ViQ tokenizer's representations know about a scene, measured by a probe.
+
+    python tools/probe_encoder.py --tokenizer runs/quickstart/tokenizer --out runs/quickstart/encoder_probe \\
+        [--train-scenes 1000] [--held-out 300] [--steps 1500]
+
+A probe per kind (background, count, and the colour, shape and position of the largest object;
+viq_megatron/benchmarks/encoder_probe.py) learns from frozen tokens of rendered training scenes
+and answers for held-out ones. Rows: the answer prior; raw pixels (16x16 patches at 128x128: a
+reference); the tokenizer's encoder tokens (the stage-1 encoder, frozen since); the LLM inputs
+its codes give (`ViQTokenizer.embed`). Writes probe.json and probe.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from viq_megatron.benchmarks.encoder_probe import (
+    KINDS,
+    majority_rates,
+    pixel_features,
+    probe_set,
+    score_probe,
+    train_probe,
+)
+from viq_megatron.runtime.errors import check_writable
+from viq_megatron.tokenizer import ViQTokenizer
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, type=Path, help="a ViQTokenizer directory")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--train-scenes", type=int, default=1000)
+    parser.add_argument("--held-out", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args(argv)
+    if min(args.train_scenes, args.held_out, args.steps) < 1:
+        parser.exit(2, "error: --train-scenes, --held-out and --steps must be >= 1\n")
+    return args
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    kinds = [*KINDS, "all"]
+    lines = [f"| row | {' | '.join(kinds)} |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {name} | " + " | ".join(f"{scores[k]:.3f}" for k in kinds) + " |" for name, scores in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    check_writable(args.out / "probe.json")
+    tokenizer = ViQTokenizer.load(args.tokenizer)
+    sources = {
+        "pixels": pixel_features(),
+        "encoder tokens": lambda images: [t.reshape(-1, t.shape[-1]) for t in tokenizer.encoder_features(images)],
+        "code embeddings": lambda images: tokenizer.embed([e.codes for e in tokenizer.encode(images)]),
+    }
+    rows = {}
+    for name, features in sources.items():
+        train = probe_set(features, args.train_scenes, held_out=False)
+        held_out = probe_set(features, args.held_out, held_out=True)
+        rows.setdefault("prior", majority_rates(train, held_out))
+        rows[name] = score_probe(train_probe(train, args.steps), held_out)
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **rows}))
+    (args.out / "probe.md").write_text(table(rows))
+    print(table(rows), end="")
+    return 0
