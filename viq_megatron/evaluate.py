@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import string
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -49,7 +48,7 @@ from viq_megatron.config import Config, ConfigError, ImageConfig, parse_command_
 from viq_megatron.data.conversations import Sample, SampleError, read_conversations
 from viq_megatron.data.images import ImageError
 from viq_megatron.data.multimodal import EncodedSample, encode_sample, offline_sample
-from viq_megatron.data.text import IMAGE_PLACEHOLDER, TextTokenizer, stop_ids
+from viq_megatron.data.text import IMAGE_PLACEHOLDER, TextTokenizer, normalize, stop_ids
 from viq_megatron.data.token_dataset import TokenDataset
 from viq_megatron.inference import generate, load_model, load_text_tokenizer
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
@@ -132,12 +131,6 @@ def read_offline_questions(prefix: str | Path, tokenizer: TextTokenizer) -> list
     if not questions:
         raise SampleError(f"{prefix}: no questions")
     return questions
-
-
-def normalize(answer: str) -> str:
-    """For exact match: lower case, single spaces, no punctuation around words or at the ends."""
-    words = (w.strip(string.punctuation) for w in answer.lower().split())
-    return " ".join(w for w in words if w)
 
 
 def answer_questions(

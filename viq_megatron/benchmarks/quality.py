@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from viq_megatron.data.scenes import QUESTION_KINDS, render_scene, scene_split
+from viq_megatron.data.text import normalize
 
 SPLITS = ("real", "blank", "shuffled")  # held-out images as they are, blanked, shuffled across questions
 BLANK = (128, 128, 128)
@@ -80,8 +81,6 @@ def write_data(cfg, folder: Path) -> dict[str, list[str]]:
 
 def baseline_scores(answers: dict[str, list[str]], kinds: list[str], references: list[str]) -> dict[str, list[float]]:
     """Per held-out question: chance (1 / answers its kind has) and the kind's prior being right."""
-    # Here, not at the top: importing the evaluate program quiets megatron-core's warnings process-wide.
-    from viq_megatron.evaluate import normalize
 
     prior = {kind: Counter(values).most_common(1)[0][0] for kind, values in answers.items()}
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,3 +219,9 @@ def stop_ids(tokenizer: TextTokenizer) -> set[int]:
     answer = [i for piece in pieces if piece[0] == "text" for i, flag in zip(piece[1], piece[2]) if flag]
     special = set(getattr(getattr(tokenizer, "tokenizer", None), "all_special_ids", ()))
     return {tokenizer.eos_id, *(i for i in answer if i in special)}
+
+
+def normalize(answer: str) -> str:
+    """For exact match: lower case, single spaces, no punctuation around words or at the ends."""
+    words = (w.strip(string.punctuation) for w in answer.lower().split())
+    return " ".join(w for w in words if w)

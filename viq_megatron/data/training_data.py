@@ -102,8 +102,8 @@ def build_text_tokenizer(cfg: Config, train_samples: list[Sample], output_dir: P
     looks for it there): a given one copied, else one trained on the training texts. Collective."""
     llm = cfg.model.llm
     if llm.tokenizer.kind == "checkpoint":
-        tokenizer = HFTokenizer(Path(llm.checkpoint) / "tokenizer")
         source = Path(llm.checkpoint) / "tokenizer"
+        tokenizer = HFTokenizer(source)
     else:
         source = output_dir / "tokenizer.model"
         if is_main_process():
