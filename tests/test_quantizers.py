@@ -60,3 +60,17 @@ def test_progressive_blend_endpoints():
     assert torch.equal(quantizer(z), quantizer.fsq(z))
     quantizer.blend = 0.25
     assert torch.allclose(quantizer(z), 0.75 * linf_project(z) + 0.25 * quantizer.fsq(z))
+
+
+def test_the_progressive_blend_is_module_state_that_checkpoints_keep():
+    """The schedule's weight travels in the state dict (so a checkpoint, and the model inference
+    rebuilds from it, quantize as training last did); fixed quantizers carry no such state."""
+    trained = Quantizer("progressive", FSQ_PRESETS["4k"])
+    trained.blend = 0.3
+    rebuilt = Quantizer("progressive", FSQ_PRESETS["4k"])
+    assert rebuilt.blend.item() == 1.0
+    rebuilt.load_state_dict(trained.state_dict())
+    z = torch.randn(50, 5)
+    assert rebuilt.blend.item() == 0.3 and torch.equal(rebuilt(z), trained(z))
+    assert torch.equal(trained(z), (1 - 0.3) * linf_project(z) + 0.3 * trained.fsq(z))  # as with a Python float
+    assert "fsq_weight" not in Quantizer("fsq", FSQ_PRESETS["4k"]).state_dict()
