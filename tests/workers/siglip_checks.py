@@ -29,7 +29,7 @@ if __name__ == "__main__":
 
     from viq_megatron.data.packing import PackedImages
     from viq_megatron.models.provider import build_encoder, build_pooling_head
-    from viq_megatron.runtime.distributed import initialize
+    from viq_megatron.runtime.distributed import initialize, shutdown
     from viq_megatron.training.trainer import Trainer
 
     native, fixed, out, work = (Path(a) for a in sys.argv[1:5])
@@ -68,3 +68,4 @@ if __name__ == "__main__":
     result["losses"] = [l["loss"] for l in lines if l["split"] == "train"]
     if torch.distributed.get_rank() == 0:
         out.write_text(json.dumps(result))
+    shutdown()  # process groups closed before the interpreter exits (their threads otherwise race it)
