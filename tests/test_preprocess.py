@@ -33,7 +33,7 @@ def tools(tmp_path_factory, megatron_world):
     return folder / "tok", folder / "sp.model", tok
 
 
-def preprocess(tools, source, out, *extra):
+def preprocess(tools, source, out, *extra, preexec_fn=None):
     return subprocess.run(
         [
             sys.executable,
@@ -53,6 +53,7 @@ def preprocess(tools, source, out, *extra):
         capture_output=True,
         text=True,
         timeout=300,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -410,26 +411,7 @@ def test_an_unwritable_output_or_a_full_disk_is_one_line_and_a_rerun_resumes(too
         resource.setrlimit(resource.RLIMIT_FSIZE, (600, resource.RLIM_INFINITY))
 
     out = tmp_path / "out/train"
-    full = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools/preprocess_images.py"),
-            "--input",
-            str(data),
-            "--tokenizer",
-            str(tools[0]),
-            "--text-tokenizer",
-            str(tools[1]),
-            "--out",
-            str(out),
-            "--shard-size",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=small_disk,
-    )
+    full = preprocess(tools, data, out, preexec_fn=small_disk)
     last = full.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert full.returncode == 1 and last.startswith(f"error: {out}.shards/shard_") and "File too large" in last, (
         full.stderr[-2000:]
