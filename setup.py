@@ -48,6 +48,7 @@ setup(
             "viq-evaluate=viq_megatron.evaluate:main",
             "viq-preprocess=viq_megatron.cli.preprocess:main",
             "viq-export-tokenizer=viq_megatron.cli.export_tokenizer:main",
+            "viq-export-encoder=viq_megatron.cli.export_encoder:main",
             "viq-export-hf=viq_megatron.cli.export_hf:main",
             "viq-convert-hf=viq_megatron.cli.convert_hf:main",
             "viq-convert-vision=viq_megatron.cli.convert_vision:main",

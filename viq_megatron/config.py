@@ -250,6 +250,9 @@ class EmbeddedDataConfig:
     val_scenes: int = 64
     # Each shipped training photo is listed this many times (with data.augment, each time another view).
     photo_repeats: int = 1
+    # What a training scene's answer is: its caption and question/answer pairs ("caption"), or the
+    # dense grounded caption alone (encoder pretraining, "grounded"; scenes.grounded_caption).
+    scene_text: Literal["caption", "grounded"] = "caption"
 
     def __post_init__(self) -> None:
         require(self.train_scenes >= 0 and self.val_scenes >= 0, "train_scenes", "scene counts must be >= 0")

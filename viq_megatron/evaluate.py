@@ -102,24 +102,35 @@ def read_questions(path: str | Path, root: str | None = None, allow_outside_root
     return questions
 
 
-def read_offline_questions(prefix: str | Path, tokenizer: TextTokenizer) -> list[Question]:
+def read_offline_questions(
+    prefix: str | Path, tokenizer: TextTokenizer, feature_width: int | None = None
+) -> list[Question]:
     """The first question of each sample of an offline token dataset (tools/preprocess_images.py):
-    its tokens up to the first answer, its images as ViQ codes; the reference is that answer."""
+    its tokens up to the first answer, its images as ViQ codes (or stored features of
+    `feature_width`); the reference is that answer."""
     data, stop, questions = TokenDataset(prefix), stop_ids(tokenizer), []
     for index in range(len(data)):
-        sample = offline_sample(data[index], f"{prefix}:{index}")
+        sample = offline_sample(data[index], f"{prefix}:{index}", feature_width)
         if True not in sample.loss_flags:
             raise SampleError(f"{prefix}: sample {index}: no answer to ask for")
         start = end = sample.loss_flags.index(True)
         while end < len(sample) and sample.loss_flags[end]:
             end += 1
         slots = [p for p in sample.visual_slots if p < start]
+        visual = sample.features if feature_width else sample.codes
         images, patches = 0, 0  # the images laid out before the answer
-        while images < len(sample.codes) and patches + len(sample.codes[images]) <= len(slots):
-            patches += len(sample.codes[images])
+        while images < len(visual) and patches + len(visual[images]) <= len(slots):
+            patches += len(visual[images])
             images += 1
         prompt = EncodedSample(
-            sample.source, sample.token_ids[:start], sample.loss_flags[:start], slots, [], [], sample.codes[:images]
+            sample.source,
+            sample.token_ids[:start],
+            sample.loss_flags[:start],
+            slots,
+            [],
+            [],
+            sample.codes[:images],
+            sample.features[:images],
         )
         question = sample.token_ids[slots[-1] + 1 if slots else 0 : start]
         reference = [t for t in sample.token_ids[start:end] if t not in stop]

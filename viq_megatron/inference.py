@@ -29,8 +29,8 @@ from viq_megatron.training.checkpoint import checkpoint_step, left_out, load_sha
 from viq_megatron.training.stages import STAGES, stage_for
 
 
-def check_answering(cfg: Config, offline_codes: bool = False) -> None:
-    """A config whose model answers questions (with `offline_codes`: from ViQ codes)."""
+def check_answering(cfg: Config, offline: bool = False) -> None:
+    """A config whose model answers questions (with `offline`: from stored codes or features)."""
     require(cfg.model.llm is not None, "model.llm", "missing (answering questions needs an LLM)")
     stage = stage_for(cfg)
     answering = [name for name, s in STAGES.items() if s.answers]
@@ -41,9 +41,9 @@ def check_answering(cfg: Config, offline_codes: bool = False) -> None:
         "evaluation keeps the whole LLM on each rank; use 1",
     )
     require(
-        not offline_codes or stage.data == "codes",
+        not offline or stage.data != "conversations",
         "train.stage",
-        f"offline ViQ codes are read by a discrete-stage model, not {cfg.train.stage}",
+        f"offline ViQ codes or features are read by a discrete- or cached-stage model, not {cfg.train.stage}",
     )
 
 
@@ -52,7 +52,7 @@ def load_model(cfg: Config, checkpoint: str | Path, online: bool = True) -> tupl
     with the checkpoint's weights; with `online` a model on offline codes or features reads images
     through model.viq_tokenizer instead. Collective (every rank calls it). A tensor the model needs
     that neither the checkpoint nor a pretrained source provides is a one-line error."""
-    check_answering(cfg, offline_codes=not online)
+    check_answering(cfg, offline=not online)
     step = checkpoint_step(checkpoint)
     model, visual_cfg, elsewhere = stage_for(cfg).inference_model(cfg, online)
     available = dist_checkpointing.load_tensors_metadata(str(step))

@@ -197,6 +197,7 @@ def bench(work: Path) -> dict:
             "--tokenizer",
             str(work / "data" / "tok"),
             "--rows",
+            "oracle",
             "continuous",
             "discrete",
             "--out",

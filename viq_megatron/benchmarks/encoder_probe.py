@@ -4,22 +4,31 @@ tokenizer papers, on procedurally rendered scenes whose every property is exact.
 Each kind is a single-label question about the scene, read off the parameters it was drawn
 from: the background colour (its first tone), the number of objects, and the colour, shape and
 position (a 3x3 grid cell of its centre) of the largest object. A probe per kind, an
-attention-pooling readout (one learned query over the image's tokens, then LayerNorm and a
-linear layer), learns from the frozen tokens of training scenes and is scored on held-out
-scenes. The scenes use their own seed (PROBE_SEED), so no run's embedded data, and no other
-benchmark, shows them; held-out scenes come from the validation index range.
+attentive readout (a learned query over the image's tokens through multi-head key and value
+projections to 128 channels, then LayerNorm and a linear layer), learns from the frozen tokens of training
+scenes and is scored on held-out scenes. The scenes use their own seed (PROBE_SEED), so no
+run's embedded data, and no other benchmark, shows them; held-out scenes come from the
+validation index range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from viq_megatron.config import ImageConfig, config_from_dict
+from viq_megatron.data.images import load_native_image
+from viq_megatron.data.packing import PackedImages
 from viq_megatron.data.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, VAL_START, Scene, render_scene
+from viq_megatron.models.provider import build_encoder
+from viq_megatron.models.siglip import read_encoder_checkpoint
+from viq_megatron.tokenizer import callers_random_state_kept
 
 PROBE_SEED = 9_173_311  # scenes no run or other benchmark renders (they use the run's seed)
 MAX_OBJECTS = 5  # scenes draw 1 to 5 objects
@@ -73,19 +82,31 @@ def probe_set(features: Features, count: int, held_out: bool, batch: int = 16) -
 
 
 class AttentionProbe(torch.nn.Module):
-    """One learned query per kind attends over an image's tokens; LayerNorm, then a linear layer."""
+    """Attentive probing: one learned query per kind attends over an image's tokens through
+    shared key and value projections (multi-head cross-attention, as the attentive probes of
+    V-JEPA and AIM); per kind a LayerNorm, then a linear layer."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, heads: int = 4, inner: int = 128):
         super().__init__()
-        self.queries = torch.nn.Parameter(torch.zeros(len(KINDS), width))
-        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for _ in KINDS)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in KINDS.values())
+        self.num_heads = heads
+        self.queries = torch.nn.Parameter(torch.randn(len(KINDS), inner) * inner**-0.5)
+        self.key = torch.nn.Linear(width, inner)
+        self.value = torch.nn.Linear(width, inner)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(inner) for _ in KINDS)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(inner, n) for n in KINDS.values())
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """tokens [B, L, C], mask [B, L] (True on real tokens) -> logits per kind [B, classes]."""
-        scores = torch.einsum("blc,kc->bkl", tokens, self.queries) / tokens.shape[-1] ** 0.5
-        weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-        pooled = torch.einsum("bkl,blc->bkc", weights, tokens)
+        b, inner, h = tokens.shape[0], self.queries.shape[-1], self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [..., n, inner] -> [..., heads, n, inner / heads]
+            return x.unflatten(-1, (h, inner // h)).transpose(-3, -2)
+
+        queries = split(self.queries)[None].expand(b, -1, -1, -1)
+        pooled = F.scaled_dot_product_attention(
+            queries, split(self.key(tokens)), split(self.value(tokens)), attn_mask=mask[:, None, None, :]
+        )
+        pooled = pooled.transpose(1, 2).reshape(b, len(KINDS), inner)
         return {
             kind: head(norm(pooled[:, i])) for i, (kind, norm, head) in enumerate(zip(KINDS, self.norms, self.heads))
         }
@@ -134,6 +155,22 @@ def majority_rates(train: ProbeSet, held_out: ProbeSet) -> dict[str, float]:
     """Accuracy of always answering each kind's most common training class (the prior)."""
     rates = {k: (held_out.labels[k] == train.labels[k].mode().values).float().mean().item() for k in KINDS}
     return {**rates, "all": sum(rates.values()) / len(rates)}
+
+
+def encoder_features(directory: str | Path, rules: ImageConfig) -> Features:
+    """The tokens of the encoder in an encoder directory (a converted SigLIP2, or one exported by
+    tools/export_encoder.py), reading images at native resolution under `rules`."""
+    saved, _, _ = read_encoder_checkpoint(directory)
+    encoder_cfg = {**dataclasses.asdict(saved), "init_from": str(directory)}
+    cfg = config_from_dict({"model": {"encoder": encoder_cfg}, "data": {"image": dataclasses.asdict(rules)}}, "")
+    with callers_random_state_kept():
+        encoder = build_encoder(cfg, standalone=True)[0].eval()
+
+    def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        packed = PackedImages.from_images([load_native_image(im, rules, saved.patch_size) for im in images])
+        return [t.float().cpu() for t in packed.split(encoder(packed))]
+
+    return features
 
 
 def pixel_features(patch: int = 16, side: int = 128) -> Features:

@@ -9,17 +9,87 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from viq_megatron.data.scenes import QUESTION_KINDS, render_scene, scene_split
+from viq_megatron.data.images import ImageError
+from viq_megatron.data.scenes import COLOURS, QUESTION_KINDS, SHAPES, WORDS, render_scene, scene_split
 from viq_megatron.data.text import normalize
 
 SPLITS = ("real", "blank", "shuffled")  # held-out images as they are, blanked, shuffled across questions
 BLANK = (128, 128, 128)
-ROWS = ("continuous", "linf", "discrete")
+ROWS = ("oracle", "continuous", "linf", "discrete")
+# The oracle's visual tokens: a one-hot block per field (a two-tone background's second tone at
+# 0.5 in the colour block), then the box (x0, y0, x1, y1) and area as shares of the image's.
+_ORACLE_FIELDS = (
+    ("type", ("background", "object", "text", "digit", "blank")),
+    ("colour", tuple(COLOURS)),
+    ("shape", SHAPES),
+    ("word", WORDS),
+    ("digit", tuple("0123456789")),
+)
+ORACLE_WIDTH = sum(len(values) for _, values in _ORACLE_FIELDS) + 5  # 60
+
+
+class SceneOracle:
+    """The oracle row's visual input: each bench image's exact scene parameters as tokens (one for
+    the background, one per object, one for the text and one per digit of a number), what a
+    perfect encoder could hand the probe. Duck-types the tokenizer of tools/preprocess_images.py
+    --features: the bench's files name the scene they show (images/scene_INDEX.png,
+    images/blank_INDEX.png), rendered again from the run's seed. Tokens are zero-padded to
+    `width` (the projector's input)."""
+
+    def __init__(self, seed: int, width: int):
+        if width < ORACLE_WIDTH:
+            raise ValueError(f"the oracle's tokens need a width of at least {ORACLE_WIDTH}, got {width}")
+        self.seed, self.width = seed, width
+
+    def fingerprint(self) -> str:
+        return f"scene oracle v1, seed {self.seed}, width {self.width}"
+
+    def _token(
+        self, box: tuple[int, int, int, int] | None, size: tuple[int, int], tones: tuple[str, ...] = (), **fields: str
+    ) -> torch.Tensor:
+        token = torch.zeros(self.width)
+        offset = 0
+        for name, values in _ORACLE_FIELDS:
+            if name in fields:
+                token[offset + values.index(fields[name])] = 1.0
+            if name == "colour":
+                for tone, value in zip(tones, (1.0, 0.5)):
+                    token[offset + values.index(tone)] = value
+            offset += len(values)
+        if box is not None:
+            (x0, y0, x1, y1), (w, h) = box, size
+            token[offset : offset + 5] = torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h, (x1 - x0) * (y1 - y0) / (w * h)])
+        return token
+
+    def _tokens(self, image: str | Path) -> list[torch.Tensor]:
+        name = Path(image).name
+        match = re.fullmatch(r"(scene|blank)_(\d+)\.png", name)
+        if match is None:
+            raise ImageError(f"{image}: not a bench image (the oracle reads scene_INDEX.png / blank_INDEX.png)")
+        if match[1] == "blank":
+            return [self._token(None, (1, 1), type="blank")]
+        scene = render_scene(int(match[2]), self.seed)
+        size = scene.image.size
+        tokens = [self._token(None, size, scene.background, type="background")]
+        tokens += [self._token(o.bbox, size, type="object", colour=o.colour, shape=o.shape) for o in scene.objects]
+        text = scene.text
+        if text is not None:
+            word = {"word": text.text} if text.kind == "word" else {}
+            tokens.append(self._token(text.bbox, size, type="text", colour=text.colour, **word))
+            if text.kind == "number":
+                tokens += [self._token(None, size, type="digit", digit=d) for d in text.text]
+        return tokens
+
+    def encoder_features(self, images) -> list[torch.Tensor]:
+        """[1, tokens, width] per image: a one-row grid, as the encoder's [grid_h, grid_w, width]."""
+        return [torch.stack(self._tokens(image))[None] for image in images]
 
 
 def write_data(cfg, folder: Path) -> dict[str, list[str]]:
@@ -35,14 +105,11 @@ def write_data(cfg, folder: Path) -> dict[str, list[str]]:
             scene = render_scene(index, cfg.seed)
             image = f"images/scene_{index}.png"
             scene.image.save(folder / image)
-            questions = rng.sample(scene.questions, len(scene.questions))  # no fixed order to learn
-            turns = [
-                turn
-                for q in questions
-                for turn in ({"from": "human", "value": q.question}, {"from": "gpt", "value": q.answer})
-            ]
-            turns[0] = {**turns[0], "value": f"<image>\n{turns[0]['value']}"}
-            conversations[split].append({"id": index, "image": image, "conversations": turns})
+            # Each question a conversation of its own: a step then shows many scenes, not a few
+            # scenes' every question (measured: the oracle row learns faster).
+            for j, q in enumerate(scene.questions):
+                turns = [{"from": "human", "value": f"<image>\n{q.question}"}, {"from": "gpt", "value": q.answer}]
+                conversations[split].append({"id": f"{index}-{j}", "image": image, "conversations": turns})
             if split == "val":
                 blank = f"images/blank_{index}.png"
                 Image.new("RGB", scene.image.size, BLANK).save(folder / blank)
@@ -105,6 +172,15 @@ def row_overrides(row: str, args, out: Path) -> list[str]:
     ]
     data = out / "data"
     images = [f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}"]
+    if row == "oracle":
+        return [
+            *common,
+            "train.stage=cached",
+            f"model.viq_tokenizer={args.tokenizer}",
+            "train.freeze=[]",
+            f"data.train={out / 'oracle_tokens' / 'train'}",
+            f"data.val={out / 'oracle_tokens' / 'val'}",
+        ]
     if row == "continuous":
         return [
             *common,

@@ -7,13 +7,16 @@
 Data: procedurally rendered scenes (viq_megatron/data/scenes.py) with short-answer questions
 whose answers are read off the scene's parameters: background and object colours, shapes,
 counts, relative positions, text in the image. The probe LLM trains on the train-split
-scenes (`data.embedded.train_scenes`, every question of a scene in one conversation) and
+scenes (`data.embedded.train_scenes`, each question with its image as a conversation) and
 answers one question at a time about held-out scenes (`data.embedded.val_scenes`), which no
 stage of the pipeline ever trained on. Exact match after normalisation.
 
 Rows, each with its accuracy per question kind:
 - chance: a uniform guess among the answers each kind has in training;
 - prior: always the most common training answer of the question's kind;
+- oracle: each scene's exact parameters as visual tokens (benchmarks/quality.py SceneOracle:
+  the background, every object's colour, shape and box, the text), stored offline like cached
+  features: what the probe LLM reaches when the visual input holds everything. The ceiling;
 - continuous: the stage-1 encoder's features (`--stage1`, frozen) through a new projector;
 - linf: the stage-2-1 head's L-inf features (`--linf`, encoder and head frozen);
 - discrete: the ViQ tokenizer's 16k FSQ codes (`--tokenizer`), written to offline token files
@@ -45,6 +48,7 @@ import torch.distributed as dist
 from viq_megatron.benchmarks.quality import (
     ROWS,
     SPLITS,
+    SceneOracle,
     baseline_scores,
     checkpoints,
     markdown_table,
@@ -58,6 +62,7 @@ from viq_megatron.data.conversations import read_conversations
 from viq_megatron.data.text import SentencePieceTokenizer
 from viq_megatron.evaluate import answer_data_parallel, normalize, read_offline_questions, read_questions
 from viq_megatron.inference import load_model
+from viq_megatron.models.files import read_tokenizer_config
 from viq_megatron.preprocess import preprocess
 from viq_megatron.runtime.distributed import initialize, is_main_process, setup_logging, shutdown
 from viq_megatron.tokenizer import ViQTokenizer
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     answers, kinds, text = prepare_data(cfg, args.out / "data", timings)
     if "discrete" in args.rows:
         write_codes(args, text, timings)
+    if "oracle" in args.rows:
+        write_oracle_tokens(cfg, args, text, timings)
     references = [json.loads(line)["conversations"][1]["value"] for line in (args.out / "data/real.jsonl").open()]
     results = {name: summary(values, kinds) for name, values in baseline_scores(answers, kinds, references).items()}
     for row in args.rows:
@@ -130,6 +137,24 @@ def write_codes(args: argparse.Namespace, text, timings: dict) -> None:
     timings["preprocess_s"] = time.perf_counter() - start
 
 
+def write_oracle_tokens(cfg, args: argparse.Namespace, text, timings: dict) -> None:
+    """Every split's scene parameters as the oracle's stored visual tokens, once."""
+    start = time.perf_counter()
+    oracle = SceneOracle(cfg.seed, oracle_width(args))
+    for name in ("train", "val", *SPLITS):
+        prefix = args.out / "oracle_tokens" / name
+        if not Path(f"{prefix}.idx").is_file():
+            items = list(read_conversations(args.out / "data" / f"{name}.jsonl"))
+            if preprocess(items, oracle, text, prefix, features=True) != 0:
+                raise SystemExit(f"error: {prefix}: some samples could not be written (see its report)")
+    timings["oracle_tokens_s"] = time.perf_counter() - start
+
+
+def oracle_width(args: argparse.Namespace) -> int:
+    """The oracle's token width: the input width of the tokenizer's projector, which it trains anew."""
+    return read_tokenizer_config(args.tokenizer)[0].model.encoder.hidden_size
+
+
 def run_row(row: str, args: argparse.Namespace, text, kinds: list[str], references: list[str], timings: dict) -> dict:
     """Trains one row's probe, then scores its checkpoints; its entry (complete on rank 0)."""
     row_cfg = load_config(args.config, [*args.overrides, *row_overrides(row, args, args.out)])
@@ -152,10 +177,12 @@ def score_checkpoints(
 ) -> dict:
     """Each checkpoint's held-out accuracy (the curve); the last one's per split, with its
     answer files (OUT/answers_ROW_SPLIT.jsonl)."""
-    offline = row == "discrete"
+    offline = row in ("discrete", "oracle")
     questions = {
         split: read_offline_questions(args.out / "tokens" / split, text)
-        if offline
+        if row == "discrete"
+        else read_offline_questions(args.out / "oracle_tokens" / split, text, oracle_width(args))
+        if row == "oracle"
         else read_questions(args.out / "data" / f"{split}.jsonl")
         for split in SPLITS
     }

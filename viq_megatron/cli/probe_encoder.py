@@ -1,13 +1,15 @@
 """What a ViQ tokenizer's representations know about a scene, measured by a probe.
 
-    python tools/probe_encoder.py --tokenizer runs/quickstart/tokenizer --out runs/quickstart/encoder_probe \\
-        [--train-scenes 1000] [--held-out 300] [--steps 1500]
+    python tools/probe_encoder.py --encoder pretrained/tiny_scene_encoder --tokenizer runs/quickstart/tokenizer \\
+        --out runs/quickstart/encoder_probe [--train-scenes 1000] [--held-out 300] [--steps 1500]
 
 A probe per kind (background, count, and the colour, shape and position of the largest object;
 viq_megatron/benchmarks/encoder_probe.py) learns from frozen tokens of rendered training scenes
 and answers for held-out ones. Rows: the answer prior; raw pixels (16x16 patches at 128x128: a
-reference); the tokenizer's encoder tokens (the stage-1 encoder, frozen since); the LLM inputs
-its codes give (`ViQTokenizer.embed`). Writes probe.json and probe.md into --out.
+reference); the tokens of each --encoder directory (a starting encoder: the shipped one, or a
+converted SigLIP2), read under the tokenizer's image rules (else --max-pixels); the tokenizer's
+encoder tokens (the stage-1 encoder, frozen since); the LLM inputs its codes give
+(`ViQTokenizer.embed`). Writes probe.json and probe.md into --out.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ from pathlib import Path
 
 from viq_megatron.benchmarks.encoder_probe import (
     KINDS,
+    encoder_features,
     majority_rates,
     pixel_features,
     probe_set,
     score_probe,
     train_probe,
 )
+from viq_megatron.config import ImageConfig
 from viq_megatron.runtime.errors import check_writable
 from viq_megatron.tokenizer import ViQTokenizer
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", required=True, type=Path, help="a ViQTokenizer directory")
+    parser.add_argument("--encoder", type=Path, action="append", default=[], help="an encoder directory")
+    parser.add_argument("--tokenizer", type=Path, help="a ViQTokenizer directory")
+    parser.add_argument("--max-pixels", type=int, default=16384, help="--encoder's image budget, without --tokenizer")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train-scenes", type=int, default=1000)
     parser.add_argument("--held-out", type=int, default=300)
@@ -38,6 +44,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.train_scenes, args.held_out, args.steps) < 1:
         parser.exit(2, "error: --train-scenes, --held-out and --steps must be >= 1\n")
+    if not args.encoder and args.tokenizer is None:
+        parser.exit(2, "error: nothing to probe: give --encoder and/or --tokenizer\n")
     return args
 
 
@@ -51,12 +59,16 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     check_writable(args.out / "probe.json")
-    tokenizer = ViQTokenizer.load(args.tokenizer)
-    sources = {
-        "pixels": pixel_features(),
-        "encoder tokens": lambda images: [t.reshape(-1, t.shape[-1]) for t in tokenizer.encoder_features(images)],
-        "code embeddings": lambda images: tokenizer.embed([e.codes for e in tokenizer.encode(images)]),
-    }
+    tokenizer = ViQTokenizer.load(args.tokenizer) if args.tokenizer else None
+    rules = tokenizer.cfg.data.image if tokenizer else ImageConfig(min_pixels=4096, max_pixels=args.max_pixels)
+    sources = {"pixels": pixel_features()}
+    for directory in args.encoder:
+        sources[f"{directory.name} tokens"] = encoder_features(directory, rules)
+    if tokenizer is not None:
+        sources["encoder tokens"] = lambda images: [
+            t.reshape(-1, t.shape[-1]) for t in tokenizer.encoder_features(images)
+        ]
+        sources["code embeddings"] = lambda images: tokenizer.embed([e.codes for e in tokenizer.encode(images)])
     rows = {}
     for name, features in sources.items():
         train = probe_set(features, args.train_scenes, held_out=False)

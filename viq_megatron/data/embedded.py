@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from viq_megatron.config import EmbeddedDataConfig
-from viq_megatron.data.scenes import render_scene, scene_split
+from viq_megatron.data.scenes import grounded_caption, render_scene, scene_split
 
 # (package, path inside the package) -> a short caption, written by hand.
 SHIPPED_PHOTOS: dict[tuple[str, str], str] = {
@@ -59,6 +59,7 @@ CAPTION_PROMPTS = (
     "Write a short caption.",
     "Describe this image in one or two sentences.",
 )
+GROUNDED_PROMPT = "List what is where."
 # The last shipped photos are held out for validation.
 VALIDATION_PHOTOS = 3
 
@@ -80,7 +81,7 @@ def write_embedded_dataset(out_dir: str | Path, sizes: EmbeddedDataConfig, seed:
     out = Path(out_dir)
     train_file, val_file = out / "train.jsonl", out / "val.jsonl"
     stamp = out / "COMPLETE"
-    wanted = f"{sizes.train_scenes} {sizes.val_scenes} {seed} {sizes.photo_repeats}"
+    wanted = f"{sizes.train_scenes} {sizes.val_scenes} {seed} {sizes.photo_repeats} {sizes.scene_text}"
     if stamp.is_file() and stamp.read_text() == wanted:
         return train_file, val_file
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,10 @@ def write_embedded_dataset(out_dir: str | Path, sizes: EmbeddedDataConfig, seed:
             name = f"images/scene_{index}.png"
             scene.image.save(out / name)
             prompt = CAPTION_PROMPTS[index % len(CAPTION_PROMPTS)]
-            splits[split].append(_conversation(name, prompt, scene.caption, scene.qa if split == "train" else ()))
+            if sizes.scene_text == "grounded":
+                splits[split].append(_conversation(name, GROUNDED_PROMPT, grounded_caption(scene)))
+            else:
+                splits[split].append(_conversation(name, prompt, scene.caption, scene.qa if split == "train" else ()))
     photos = shipped_photos()
     captions = {Path(p).name: c for (_, p), c in SHIPPED_PHOTOS.items()}
     for k, photo in enumerate(photos):

@@ -172,6 +172,29 @@ def render_scene(index: int, seed: int = 0) -> Scene:
     )
 
 
+def grounded_caption(scene: Scene, bins: int = 10) -> str:
+    """A dense caption in the manner of LocCa's grounded captioning (SigLIP2's decoder task):
+    the background, the object count, then every object, largest first, with its centre as
+    (column, row) on a `bins` x `bins` grid, then the text and where it is. Reading it back
+    needs every object's colour, shape, size order and place."""
+    width, height = scene.image.size
+
+    def at(box: Box) -> str:
+        column = min(bins - 1, bins * (box[0] + box[2]) // (2 * width))
+        row = min(bins - 1, bins * (box[1] + box[3]) // (2 * height))
+        return f"at {column} {row}"
+
+    largest_first = sorted(scene.objects, key=lambda o: -(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))
+    count = len(scene.objects)
+    parts = [f"Background: {' and '.join(scene.background)}.", f"{count} object{'s' if count != 1 else ''}"]
+    if largest_first:
+        parts[-1] += ": " + ", ".join(f"{_article(o.colour)} {o.colour} {o.shape} {at(o.bbox)}" for o in largest_first)
+    parts[-1] += "."
+    if scene.text is not None:
+        parts.append(f"Text: the {scene.text.kind} {scene.text.text} in {scene.text.colour} {at(scene.text.bbox)}.")
+    return " ".join(parts)
+
+
 def scene_split(num_train: int, num_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """Disjoint (train, val) scene indices. Each list depends only on its own size, so growing
     the train set never changes the val set. The split is the same for every `seed`: the
