@@ -49,6 +49,7 @@ setup(
             "viq-preprocess=viq_megatron.cli.preprocess:main",
             "viq-export-tokenizer=viq_megatron.cli.export_tokenizer:main",
             "viq-export-encoder=viq_megatron.cli.export_encoder:main",
+            "viq-codebook-cap=viq_megatron.cli.codebook_cap:main",
             "viq-export-hf=viq_megatron.cli.export_hf:main",
             "viq-convert-hf=viq_megatron.cli.convert_hf:main",
             "viq-convert-vision=viq_megatron.cli.convert_vision:main",

@@ -92,6 +92,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert len(result["decoder_losses"]) == 2 and all(math.isfinite(l) for l in result["decoder_losses"])
     assert result["tokenizer_names_match"] and result["tokenizer_differs"] == []  # the export holds the runs' weights
     assert result["frozen_visual_differs"] == []  # frozen through the decoder stage, bit for bit
+    # The encoder probe's 2-1 row reads s2_1's head (not the tokenizer's later one) as the stage computes it.
+    assert result["linf_probe_features_match"] and result["linf_probe_features_not_2_2s"]
 
 
 def test_data_parallel_and_tensor_parallel(tmp_path):

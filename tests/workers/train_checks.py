@@ -312,7 +312,27 @@ def stage2_chain(work: Path) -> dict:
     )
     expected = {**tensors(stage2.visual, "visual."), **tensors(decoder_run.decoder, "decoder.")}
     frozen_visual = tensors(decoder_run.visual, "visual.")
+
+    # The encoder probe's 2-1 row: the L-inf head of s2_1 read with the exported tokenizer's sizes.
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from viq_megatron.benchmarks.encoder_probe import head_features
+    from viq_megatron.data.images import load_native_image
+    from viq_megatron.data.packing import PackedImages
+
+    images = [Image.new("RGB", (48, 32), (200, 30, 30)), Image.effect_noise((64, 64), 60).convert("RGB")]
+    linf = run_model(work / "s2_1", "train.stage=stage2", "model.head.quantizer=linf").visual.eval()
+    rules = tiny_train_config(work / "x").data.image
+    packed = PackedImages.from_images([load_native_image(im, rules, 16) for im in images])
+    with torch.no_grad():
+        probed = head_features(work / "tok", work / "s2_1", "linf")(images)
+        direct = packed.split(linf(SimpleNamespace(images=packed)).features)  # what the stage feeds its projector
+        later = packed.split(stage2.visual.eval()(SimpleNamespace(images=packed)).features)
     return {
+        "linf_probe_features_match": all(torch.allclose(a, b.float(), atol=1e-5) for a, b in zip(probed, direct)),
+        "linf_probe_features_not_2_2s": not all(torch.allclose(a, b.float(), atol=1e-5) for a, b in zip(probed, later)),
         "fsq_losses": fsq,
         "codebook": codebook[-1] if codebook else {},
         "decoder_losses": [l["loss"] for l in decoder if l["split"] == "train"],

@@ -26,9 +26,12 @@ from viq_megatron.config import ImageConfig, config_from_dict
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
 from viq_megatron.data.scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, VAL_START, Scene, render_scene
-from viq_megatron.models.provider import build_encoder
+from viq_megatron.models.files import read_tokenizer_files
+from viq_megatron.models.hf_llm import CheckpointError
+from viq_megatron.models.provider import build_encoder, quantized_input
 from viq_megatron.models.siglip import read_encoder_checkpoint
 from viq_megatron.tokenizer import callers_random_state_kept
+from viq_megatron.training.checkpoint import load_shared_weights
 
 PROBE_SEED = 9_173_311  # scenes no run or other benchmark renders (they use the run's seed)
 MAX_OBJECTS = 5  # scenes draw 1 to 5 objects
@@ -169,6 +172,28 @@ def encoder_features(directory: str | Path, rules: ImageConfig) -> Features:
     def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
         packed = PackedImages.from_images([load_native_image(im, rules, saved.patch_size) for im in images])
         return [t.float().cpu() for t in packed.split(encoder(packed))]
+
+    return features
+
+
+def head_features(tokenizer_dir: str | Path, run: str | Path, quantizer: str = "linf") -> Features:
+    """What the ViQ head of a stage-2 `run` (e.g. 2-1: `linf`) feeds the projector, with the encoder,
+    head sizes and image rules of the tokenizer in `tokenizer_dir` (the run's descendant). Reads
+    the run's checkpoint through Megatron's runtime: call inside one (one process, TP=1)."""
+    cfg, llm_hidden_size, _ = read_tokenizer_files(tokenizer_dir)
+    cfg.model.head.quantizer = quantizer
+    with callers_random_state_kept():
+        visual = quantized_input(cfg, llm_hidden_size)
+    loaded, expected = load_shared_weights([visual], run, "visual.")
+    if loaded < expected:
+        raise CheckpointError(f"{run}: holds {loaded} of the {expected} tensors of the {quantizer} visual input")
+    visual.eval()
+    rules, patch = cfg.data.image, cfg.model.encoder.patch_size
+
+    def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        packed = PackedImages.from_images([load_native_image(im, rules, patch) for im in images])
+        head_out, _ = visual.head(visual.encoder(packed), packed)
+        return [t.float().cpu() for t in packed.split(head_out)]
 
     return features
 
