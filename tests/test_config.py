@@ -213,5 +213,11 @@ def test_stage_requirements_are_config_errors():
         stage_for(load_config(None, ["train.stage=stage2"]))
     with pytest.raises(ConfigError, match=r"model\.viq_tokenizer: missing"):
         stage_for(load_config(None, ["train.stage=discrete"]))
-    with pytest.raises(ConfigError, match=r"train\.stage: 'stage3' is not one of 'stage1', 'stage2'"):
+    with pytest.raises(ConfigError, match=r"train\.stage: 'stage3' is not one of 'encoder_pretrain', 'stage1'"):
         stage_for(load_config(None, ["train.stage=stage3"]))
+    pretrain = ROOT / "examples/encoder_pretrain_tiny_cpu.yaml"
+    assert stage_for(load_config(pretrain)).name == "encoder_pretrain"
+    with pytest.raises(ConfigError, match=r"train\.freeze: encoder pretraining trains every part"):
+        stage_for(load_config(pretrain, ["train.freeze=[llm]"]))
+    with pytest.raises(ConfigError, match=r"model\.llm\.arch: the captioning decoder learns from scratch"):
+        stage_for(load_config(None, ["train.stage=encoder_pretrain", "train.freeze=[]"]))

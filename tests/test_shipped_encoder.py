@@ -118,7 +118,7 @@ def test_export_holds_the_runs_encoder_and_stage1_starts_from_it(short_pretraini
     assert all(v.dtype == torch.bfloat16 for v in weights.values())
 
     overrides = [f"train.output_dir={short_pretraining / 'x'}", *SHORT]
-    run_model = STAGES["continuous"](load_config(CONFIG, overrides)).chunks[0]
+    run_model = STAGES["encoder_pretrain"](load_config(CONFIG, overrides)).chunks[0]
     load_shared_weights([run_model], short_pretraining / "run")
     expected = {k: v for k, v in run_model.visual.encoder.state_dict().items() if torch.is_tensor(v)}
     assert sorted(weights) == sorted(f"encoder.{k}" for k in expected)

@@ -356,7 +356,8 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    # A stage of training/stages/: stage1, stage2, decoder (the tokenizer); continuous / discrete /
+    # A stage of training/stages/: encoder_pretrain (a starting encoder where no SigLIP2 fits),
+    # stage1, stage2, decoder (the tokenizer); continuous / discrete /
     # cached: multimodal LLM training on images through the encoder, on offline codes, or on
     # offline encoder features (the last two: data.train/val are token-file prefixes). What each
     # needs of this config is checked by the stage.

@@ -10,6 +10,8 @@ blocks and so few codes whatever the tokenizer; this measures how few.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from viq_megatron.data.images import NativeImage
@@ -39,7 +41,8 @@ def pca_cap_codes(blocks: torch.Tensor, fsq: FSQ) -> torch.Tensor:
         below = torch.empty_like(order)  # blocks before each distinct block along the component
         below[order] = (weights[order].cumsum(0) - weights[order]).long()
         digits[:, dim] = below * fsq.levels[dim] // len(blocks)  # quantile bins
-    return (digits * fsq._basis).sum(-1)[inverse]
+    basis = torch.tensor([math.prod(fsq.levels[:k]) for k in range(fsq.dim)])  # FSQ's index order
+    return (digits * basis).sum(-1)[inverse]
 
 
 def pca_cap(images: list[NativeImage], patch: int, fsq: FSQ) -> dict:

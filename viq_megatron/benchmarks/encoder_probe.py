@@ -5,10 +5,10 @@ Each kind is a single-label question about the scene, read off the parameters it
 from: the background colour (its first tone), the number of objects, and the colour, shape and
 position (a 3x3 grid cell of its centre) of the largest object. A probe per kind, an
 attentive readout (a learned query over the image's tokens through multi-head key and value
-projections to 128 channels, then LayerNorm and a linear layer), learns from the frozen tokens of training
-scenes and is scored on held-out scenes. The scenes use their own seed (PROBE_SEED), so no
-run's embedded data, and no other benchmark, shows them; held-out scenes come from the
-validation index range.
+projections to 128 channels, then LayerNorm and a linear layer), learns from the frozen tokens
+of training scenes and is scored on held-out scenes. The scenes use their own seed
+(PROBE_SEED), so no run's embedded data, and no other benchmark, shows them; held-out scenes
+come from the validation index range.
 """
 
 from __future__ import annotations

@@ -177,15 +177,16 @@ def score_checkpoints(
 ) -> dict:
     """Each checkpoint's held-out accuracy (the curve); the last one's per split, with its
     answer files (OUT/answers_ROW_SPLIT.jsonl)."""
-    offline = row in ("discrete", "oracle")
-    questions = {
-        split: read_offline_questions(args.out / "tokens" / split, text)
-        if row == "discrete"
-        else read_offline_questions(args.out / "oracle_tokens" / split, text, oracle_width(args))
-        if row == "oracle"
-        else read_questions(args.out / "data" / f"{split}.jsonl")
-        for split in SPLITS
-    }
+    offline = row in ("discrete", "oracle")  # questions from stored codes or oracle tokens
+
+    def read(split: str) -> list:
+        if row == "discrete":
+            return read_offline_questions(args.out / "tokens" / split, text)
+        if row == "oracle":
+            return read_offline_questions(args.out / "oracle_tokens" / split, text, oracle_width(args))
+        return read_questions(args.out / "data" / f"{split}.jsonl")
+
+    questions = {split: read(split) for split in SPLITS}
     entry = {"curve": []}
     steps = checkpoints(args.out / "runs" / row)
     for step_dir in steps:

@@ -2,7 +2,7 @@
 
     python tools/codebook_cap.py --tokenizer runs/quickstart/tokenizer \\
         --input runs/quickstart/stage1/embedded_data/train.jsonl \\
-        [--codebook runs/quickstart/tokens/train.codebook.json] --out runs/quickstart/codebook_cap.json
+        [--codebook runs/quickstart/tokens/train.codebook.json] --out runs/quickstart/tokens/codebook_cap.json
 
 Reads every image of --input's conversations (as tools/preprocess_images.py encodes them: at the
 tokenizer's native-resolution rules, a repeated image each time) and codes its 8x8 blocks by

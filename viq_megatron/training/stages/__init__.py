@@ -12,11 +12,12 @@ from viq_megatron.training.stages.cached import Cached
 from viq_megatron.training.stages.continuous import Continuous
 from viq_megatron.training.stages.decoder import Decoder
 from viq_megatron.training.stages.discrete import Discrete
+from viq_megatron.training.stages.encoder_pretrain import EncoderPretrain
 from viq_megatron.training.stages.stage1 import Stage1
 from viq_megatron.training.stages.stage2 import Stage2
 
 STAGES: dict[str, type[Stage]] = {
-    stage.name: stage for stage in (Stage1, Stage2, Decoder, Continuous, Discrete, Cached)
+    stage.name: stage for stage in (EncoderPretrain, Stage1, Stage2, Decoder, Continuous, Discrete, Cached)
 }
 
 
