@@ -168,12 +168,7 @@ def encoder_features(directory: str | Path, rules: ImageConfig) -> Features:
     cfg = config_from_dict({"model": {"encoder": encoder_cfg}, "data": {"image": dataclasses.asdict(rules)}}, "")
     with callers_random_state_kept():
         encoder = build_encoder(cfg, standalone=True)[0].eval()
-
-    def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        packed = PackedImages.from_images([load_native_image(im, rules, saved.patch_size) for im in images])
-        return [t.float().cpu() for t in packed.split(encoder(packed))]
-
-    return features
+    return _packed_features(encoder, rules, saved.patch_size)
 
 
 def head_features(tokenizer_dir: str | Path, run: str | Path, quantizer: str = "linf") -> Features:
@@ -188,12 +183,17 @@ def head_features(tokenizer_dir: str | Path, run: str | Path, quantizer: str = "
     if loaded < expected:
         raise CheckpointError(f"{run}: holds {loaded} of the {expected} tensors of the {quantizer} visual input")
     visual.eval()
-    rules, patch = cfg.data.image, cfg.model.encoder.patch_size
+    return _packed_features(
+        lambda packed: visual.head(visual.encoder(packed), packed)[0], cfg.data.image, cfg.model.encoder.patch_size
+    )
+
+
+def _packed_features(tokens_of, rules: ImageConfig, patch: int) -> Features:
+    """Images at native resolution under `rules`, packed, through `tokens_of(packed) -> [N, C]`."""
 
     def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
         packed = PackedImages.from_images([load_native_image(im, rules, patch) for im in images])
-        head_out, _ = visual.head(visual.encoder(packed), packed)
-        return [t.float().cpu() for t in packed.split(head_out)]
+        return [t.float().cpu() for t in packed.split(tokens_of(packed))]
 
     return features
 
