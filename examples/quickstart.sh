@@ -18,7 +18,8 @@
 #      tools/codebook_cap.py computes);
 #   7. what do the representations know? tools/probe_encoder.py: attention-pool probes on frozen
 #      tokens of held-out scenes (background, count, colour / shape / place of the largest object)
-#      for the shipped encoder, the stage-1 encoder, the 2-1 features and the 16k codes' embeddings;
+#      for the scenes' exact parameters (the probe's ceiling), the shipped encoder, the stage-1
+#      encoder, the 2-1 features and the 16k codes' embeddings;
 #      does an LLM read the image through the codes? tools/bench_quality.py trains the same probe LLM
 #      on each scene's exact parameters (the oracle: the probe's ceiling), the stage-1 features, the
 #      2-1 L-inf features and the 16k codes (read from offline token files), and scores short answers

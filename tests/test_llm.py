@@ -10,6 +10,7 @@ from conftest import ROOT
 from hf_models import TINY_HF, make_tiny_hf
 from safetensors.torch import load_file
 
+from viq_megatron.config import LLMArch
 from viq_megatron.models import hf_llm
 from viq_megatron.models.hf_llm import CheckpointError, load_llm_weights, read_arch
 from viq_megatron.models.llm import build_llm
@@ -110,6 +111,22 @@ def test_tp_shards_follow_megatron_partition_attributes(tmp_path, megatron_world
             assert split == (param.partition_dim, getattr(param, "partition_stride", 1)), name
         else:
             assert split is None, name
+
+
+@pytest.mark.parametrize("std", [0.02, 0.25])
+def test_init_method_std_sets_the_starting_weights(std, megatron_world):
+    """`model.llm.arch.init_method_std` reaches Megatron's init: the embedding and the input
+    projections are drawn at that std (the output projections at std / sqrt(2 layers))."""
+    arch = LLMArch(
+        hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+        vocab_size=512, init_method_std=std,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_llm(arch, 1, torch.float32, "local")
+    weights = dict(model.named_parameters())
+    for name in ("embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_qkv.weight"):
+        assert weights[name].std().item() == pytest.approx(std, rel=0.05), name
+    assert weights["decoder.layers.0.mlp.linear_fc2.weight"].std().item() == pytest.approx(std / 2, rel=0.05)
 
 
 def test_packed_loss_equals_token_weighted_mean_of_samples(tmp_path, megatron_world):

@@ -58,11 +58,18 @@ def test_shipped_weights_are_the_ones_the_card_describes():
 
 def test_shipped_encoder_reproduces_the_cards_probe_accuracy():
     """The card's test-protocol row, measured again here (small: 300 training scenes, 100 held out)."""
-    from viq_megatron.benchmarks.encoder_probe import KINDS, encoder_features, probe_set, score_probe, train_probe
+    from viq_megatron.benchmarks.encoder_probe import (
+        KINDS,
+        encoder_features,
+        of_images,
+        probe_set,
+        score_probe,
+        train_probe,
+    )
     from viq_megatron.config import ImageConfig
 
     expected = card_table("## Test protocol")["tiny_scene_encoder tokens"]
-    features = encoder_features(SHIPPED, ImageConfig(min_pixels=4096, max_pixels=16384))
+    features = of_images(encoder_features(SHIPPED, ImageConfig(min_pixels=4096, max_pixels=16384)))
     scores = score_probe(train_probe(probe_set(features, 300, held_out=False), 300), probe_set(features, 100, True))
     for kind in KINDS:
         assert scores[kind] == pytest.approx(expected[kind], abs=0.05), (kind, scores, expected)

@@ -81,9 +81,13 @@ class LLMArch:
     tie_word_embeddings: bool = True
     max_sequence_length: int = 4096
     model_type: Literal["llama", "qwen2"] = "llama"
+    # Std of the normal weight init (Megatron's default). Only a model trained from scratch feels
+    # it: a small one at 0.02 starts with near-uniform attention and is slow to leave it.
+    init_method_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in (
+            "init_method_std",
             "hidden_size",
             "num_layers",
             "num_attention_heads",

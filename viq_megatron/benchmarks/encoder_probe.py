@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from viq_megatron.benchmarks.quality import scene_parameter_tokens
 from viq_megatron.config import ImageConfig, config_from_dict
 from viq_megatron.data.images import load_native_image
 from viq_megatron.data.packing import PackedImages
@@ -43,8 +44,18 @@ KINDS: dict[str, int] = {  # kind -> number of classes
     "position": 9,
 }
 
-# A frozen representation: images -> one [tokens, width] tensor each.
-Features = Callable[[Sequence[Image.Image]], list[torch.Tensor]]
+# A frozen representation: scenes -> one [tokens, width] tensor each; most see only the images.
+Features = Callable[[Sequence[Scene]], list[torch.Tensor]]
+ImageFeatures = Callable[[Sequence[Image.Image]], list[torch.Tensor]]
+
+
+def of_images(read: ImageFeatures) -> Features:
+    return lambda scenes: read([s.image for s in scenes])
+
+
+def scene_parameter_features(scenes: Sequence[Scene]) -> list[torch.Tensor]:
+    """Each scene's exact parameters as tokens (the bench's oracle): the probe's own ceiling."""
+    return [scene_parameter_tokens(s) for s in scenes]
 
 
 def scene_labels(scene: Scene) -> dict[str, int]:
@@ -79,7 +90,7 @@ def probe_set(features: Features, count: int, held_out: bool, batch: int = 16) -
     tokens = []
     with torch.no_grad():
         for start in range(0, count, batch):
-            tokens += [t.float().cpu() for t in features([s.image for s in scenes[start : start + batch]])]
+            tokens += [t.float().cpu() for t in features(scenes[start : start + batch])]
     labels = [scene_labels(s) for s in scenes]
     return ProbeSet(tokens, {k: torch.tensor([lab[k] for lab in labels]) for k in KINDS})
 
@@ -160,7 +171,7 @@ def majority_rates(train: ProbeSet, held_out: ProbeSet) -> dict[str, float]:
     return {**rates, "all": sum(rates.values()) / len(rates)}
 
 
-def encoder_features(directory: str | Path, rules: ImageConfig) -> Features:
+def encoder_features(directory: str | Path, rules: ImageConfig) -> ImageFeatures:
     """The tokens of the encoder in an encoder directory (a converted SigLIP2, or one exported by
     tools/export_encoder.py), reading images at native resolution under `rules`."""
     saved, _, _ = read_encoder_checkpoint(directory)
@@ -171,7 +182,7 @@ def encoder_features(directory: str | Path, rules: ImageConfig) -> Features:
     return _packed_features(encoder, rules, saved.patch_size)
 
 
-def head_features(tokenizer_dir: str | Path, run: str | Path, quantizer: str = "linf") -> Features:
+def head_features(tokenizer_dir: str | Path, run: str | Path, quantizer: str = "linf") -> ImageFeatures:
     """What the ViQ head of a stage-2 `run` (e.g. 2-1: `linf`) feeds the projector, with the encoder,
     head sizes and image rules of the tokenizer in `tokenizer_dir` (the run's descendant). Reads
     the run's checkpoint through Megatron's runtime: call inside one (one process, TP=1)."""
@@ -188,7 +199,7 @@ def head_features(tokenizer_dir: str | Path, run: str | Path, quantizer: str = "
     )
 
 
-def _packed_features(tokens_of, rules: ImageConfig, patch: int) -> Features:
+def _packed_features(tokens_of, rules: ImageConfig, patch: int) -> ImageFeatures:
     """Images at native resolution under `rules`, packed, through `tokens_of(packed) -> [N, C]`."""
 
     def features(images: Sequence[Image.Image]) -> list[torch.Tensor]:
@@ -198,7 +209,7 @@ def _packed_features(tokens_of, rules: ImageConfig, patch: int) -> Features:
     return features
 
 
-def pixel_features(patch: int = 16, side: int = 128) -> Features:
+def pixel_features(patch: int = 16, side: int = 128) -> ImageFeatures:
     """Raw pixels as tokens (each image resized to `side`, one token per patch): the reference a
     learned representation should beat on what needs more than colour at one place."""
 

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 from viq_megatron.data.images import ImageError
-from viq_megatron.data.scenes import COLOURS, QUESTION_KINDS, SHAPES, WORDS, render_scene, scene_split
+from viq_megatron.data.scenes import COLOURS, QUESTION_KINDS, SHAPES, WORDS, Box, Scene, render_scene, scene_split
 from viq_megatron.data.text import normalize
 
 SPLITS = ("real", "blank", "shuffled")  # held-out images as they are, blanked, shuffled across questions
 BLANK = (128, 128, 128)
 ROWS = ("oracle", "continuous", "linf", "discrete")
-# The oracle's visual tokens: a one-hot block per field (a two-tone background's second tone at
-# 0.5 in the colour block), then the box (x0, y0, x1, y1) and area as shares of the image's.
+# The oracle's token fields, one-hot blocks, then the box (x0, y0, x1, y1) and area as shares of
+# the image's.
 _ORACLE_FIELDS = (
     ("type", ("background", "object", "text", "digit", "blank")),
     ("colour", tuple(COLOURS)),
@@ -35,13 +35,50 @@ _ORACLE_FIELDS = (
 ORACLE_WIDTH = sum(len(values) for _, values in _ORACLE_FIELDS) + 5  # 60
 
 
+def _parameter_token(
+    width: int, size: tuple[int, int], box: Box | None = None, tones: tuple[str, ...] = (), **fields: str
+) -> torch.Tensor:
+    """One oracle token: a one-hot block per named field (a two-tone background's second tone at
+    0.5 in the colour block), then the box as shares of the image's `size`, zero padded."""
+    out, offset = torch.zeros(width), 0
+    for name, values in _ORACLE_FIELDS:
+        if name in fields:
+            out[offset + values.index(fields[name])] = 1.0
+        if name == "colour":
+            for tone, value in zip(tones, (1.0, 0.5)):
+                out[offset + values.index(tone)] = value
+        offset += len(values)
+    if box is not None:
+        (x0, y0, x1, y1), (w, h) = box, size
+        out[offset : offset + 5] = torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h, (x1 - x0) * (y1 - y0) / (w * h)])
+    return out
+
+
+def scene_parameter_tokens(scene: Scene, width: int = ORACLE_WIDTH) -> torch.Tensor:
+    """A scene's exact parameters as [tokens, width]: one token for the background, one per
+    object with its colour, shape and box, one for the text and one per digit of a number: what a
+    perfect encoder could hand a reader."""
+    size = scene.image.size
+
+    def token(box: Box | None = None, tones: tuple[str, ...] = (), **fields: str) -> torch.Tensor:
+        return _parameter_token(width, size, box, tones, **fields)
+
+    tokens = [token(None, scene.background, type="background")]
+    tokens += [token(o.bbox, type="object", colour=o.colour, shape=o.shape) for o in scene.objects]
+    text = scene.text
+    if text is not None:
+        word = {"word": text.text} if text.kind == "word" else {}
+        tokens.append(token(text.bbox, type="text", colour=text.colour, **word))
+        if text.kind == "number":
+            tokens += [token(type="digit", digit=d) for d in text.text]
+    return torch.stack(tokens)
+
+
 class SceneOracle:
-    """The oracle row's visual input: each bench image's exact scene parameters as tokens (one for
-    the background, one per object, one for the text and one per digit of a number), what a
-    perfect encoder could hand the probe. Duck-types the tokenizer of tools/preprocess_images.py
-    --features: the bench's files name the scene they show (images/scene_INDEX.png,
-    images/blank_INDEX.png), rendered again from the run's seed. Tokens are zero-padded to
-    `width` (the projector's input)."""
+    """The oracle row's visual input: each bench image's `scene_parameter_tokens`. Duck-types the
+    tokenizer of tools/preprocess_images.py --features: the bench's files name the scene they
+    show (images/scene_INDEX.png, images/blank_INDEX.png), rendered again from the run's seed.
+    Tokens are zero-padded to `width` (the projector's input)."""
 
     def __init__(self, seed: int, width: int):
         if width < ORACLE_WIDTH:
@@ -51,45 +88,18 @@ class SceneOracle:
     def fingerprint(self) -> str:
         return f"scene oracle v1, seed {self.seed}, width {self.width}"
 
-    def _token(
-        self, box: tuple[int, int, int, int] | None, size: tuple[int, int], tones: tuple[str, ...] = (), **fields: str
-    ) -> torch.Tensor:
-        token = torch.zeros(self.width)
-        offset = 0
-        for name, values in _ORACLE_FIELDS:
-            if name in fields:
-                token[offset + values.index(fields[name])] = 1.0
-            if name == "colour":
-                for tone, value in zip(tones, (1.0, 0.5)):
-                    token[offset + values.index(tone)] = value
-            offset += len(values)
-        if box is not None:
-            (x0, y0, x1, y1), (w, h) = box, size
-            token[offset : offset + 5] = torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h, (x1 - x0) * (y1 - y0) / (w * h)])
-        return token
-
-    def _tokens(self, image: str | Path) -> list[torch.Tensor]:
+    def _tokens(self, image: str | Path) -> torch.Tensor:
         name = Path(image).name
         match = re.fullmatch(r"(scene|blank)_(\d+)\.png", name)
         if match is None:
             raise ImageError(f"{image}: not a bench image (the oracle reads scene_INDEX.png / blank_INDEX.png)")
         if match[1] == "blank":
-            return [self._token(None, (1, 1), type="blank")]
-        scene = render_scene(int(match[2]), self.seed)
-        size = scene.image.size
-        tokens = [self._token(None, size, scene.background, type="background")]
-        tokens += [self._token(o.bbox, size, type="object", colour=o.colour, shape=o.shape) for o in scene.objects]
-        text = scene.text
-        if text is not None:
-            word = {"word": text.text} if text.kind == "word" else {}
-            tokens.append(self._token(text.bbox, size, type="text", colour=text.colour, **word))
-            if text.kind == "number":
-                tokens += [self._token(None, size, type="digit", digit=d) for d in text.text]
-        return tokens
+            return _parameter_token(self.width, (1, 1), type="blank")[None]
+        return scene_parameter_tokens(render_scene(int(match[2]), self.seed), self.width)
 
     def encoder_features(self, images) -> list[torch.Tensor]:
         """[1, tokens, width] per image: a one-row grid, as the encoder's [grid_h, grid_w, width]."""
-        return [torch.stack(self._tokens(image))[None] for image in images]
+        return [self._tokens(image)[None] for image in images]
 
 
 def write_data(cfg, folder: Path) -> dict[str, list[str]]:

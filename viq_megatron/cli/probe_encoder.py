@@ -6,7 +6,8 @@
 
 A probe per kind (background, count, and the colour, shape and position of the largest object;
 viq_megatron/benchmarks/encoder_probe.py) learns from frozen tokens of rendered training scenes
-and answers for held-out ones. Rows: the answer prior; raw pixels (16x16 patches at 128x128: a
+and answers for held-out ones. Rows: the answer prior; each scene's exact parameters as tokens
+(the bench's oracle: the probe's own ceiling); raw pixels (16x16 patches at 128x128: a
 reference); the tokens of each --encoder directory (a starting encoder: the shipped one, or a
 converted SigLIP2), read under the tokenizer's image rules (else --max-pixels); the tokenizer's
 encoder tokens (the stage-1 encoder, frozen since); with --linf, the features the stage-2-1
@@ -25,8 +26,10 @@ from viq_megatron.benchmarks.encoder_probe import (
     encoder_features,
     head_features,
     majority_rates,
+    of_images,
     pixel_features,
     probe_set,
+    scene_parameter_features,
     score_probe,
     train_probe,
 )
@@ -68,17 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out / "probe.json")
     tokenizer = ViQTokenizer.load(args.tokenizer) if args.tokenizer else None
     rules = tokenizer.cfg.data.image if tokenizer else ImageConfig(min_pixels=4096, max_pixels=args.max_pixels)
-    sources = {"pixels": pixel_features()}
+    sources = {"scene parameters": scene_parameter_features, "pixels": of_images(pixel_features())}
     for directory in args.encoder:
-        sources[f"{directory.name} tokens"] = encoder_features(directory, rules)
+        sources[f"{directory.name} tokens"] = of_images(encoder_features(directory, rules))
     if tokenizer is not None:
-        sources["encoder tokens"] = lambda images: [
-            t.reshape(-1, t.shape[-1]) for t in tokenizer.encoder_features(images)
-        ]
+        sources["encoder tokens"] = of_images(
+            lambda images: [t.reshape(-1, t.shape[-1]) for t in tokenizer.encoder_features(images)]
+        )
         if args.linf is not None:  # its checkpoint is read through Megatron's runtime
             initialize(ParallelConfig(), seed=0)
-            sources["2-1 features"] = head_features(args.tokenizer, args.linf, "linf")
-        sources["code embeddings"] = lambda images: tokenizer.embed([e.codes for e in tokenizer.encode(images)])
+            sources["2-1 features"] = of_images(head_features(args.tokenizer, args.linf, "linf"))
+        sources["code embeddings"] = of_images(
+            lambda images: tokenizer.embed([e.codes for e in tokenizer.encode(images)])
+        )
     rows = {}
     for name, features in sources.items():
         train = probe_set(features, args.train_scenes, held_out=False)

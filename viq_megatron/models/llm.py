@@ -90,6 +90,7 @@ def llm_transformer_config(
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         rotary_interleaved=False,  # HF's rotate_half layout
+        init_method_std=arch.init_method_std,
         **{
             **common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
             **(
