@@ -141,3 +141,12 @@ def test_flop_count_matches_torch_flop_counter(encoder, tmp_path):
         encoder(packed)
     expected = vit_forward_flops(tiny_config().model.encoder, [64, 128])
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+
+
+def test_init_method_std_sets_the_starting_weights(megatron_world):
+    """`model.encoder.init_method_std` reaches Megatron's init (the attention's input projection)."""
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        model, _ = build_encoder(tiny_config(f"model.encoder.init_method_std={std}"))
+        weight = dict(model.named_parameters())["transformer.layers.0.self_attention.linear_qkv.weight"]
+        assert weight.std().item() == pytest.approx(std, rel=0.05)

@@ -189,6 +189,9 @@ def test_config_sizes_must_agree_with_the_converted_encoder(naflex, megatron_wor
     folder, _ = naflex
     with pytest.raises(ConfigError, match="model.encoder.position_embedding_size: 8 differs"):
         build_encoder(tiny_config(*encoder_overrides(folder / "ours", 8)))
+    # How a run would initialise the encoder is no size: not in encoder.json, never compared.
+    assert "init_method_std" not in json.loads((folder / "ours" / "encoder.json").read_text())
+    build_encoder(tiny_config(*encoder_overrides(folder / "ours", 4), "model.encoder.init_method_std=0.07"))
 
 
 def test_tensor_parallel_import_and_stage1_from_it(naflex, fixed, tmp_path):

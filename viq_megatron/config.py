@@ -47,9 +47,15 @@ class EncoderConfig:
     # A converted SigLIP / SigLIP2 tower (tools/convert_vision_checkpoint.py) to start from; its
     # encoder.json must agree with the sizes above (the converter prints them).
     init_from: str = ""
+    # Std of the normal weight init when trained from scratch (Megatron's default).
+    init_method_std: float = 0.02
+
+    # How a run starts, not what the encoder is: neither is written to encoder.json.
+    STARTING_FIELDS = ("init_from", "init_method_std")
 
     def __post_init__(self) -> None:
         for name in (
+            "init_method_std",
             "patch_size",
             "hidden_size",
             "num_layers",

@@ -108,7 +108,7 @@ def _pretrained_encoder(cfg: EncoderConfig, prefix: str) -> tuple[bool, dict[str
     must be the config's."""
     saved, has_head, weights = read_encoder_checkpoint(cfg.init_from, prefix)
     for field in dataclasses.fields(saved):
-        if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg, field.name):
+        if field.name not in EncoderConfig.STARTING_FIELDS and getattr(saved, field.name) != getattr(cfg, field.name):
             raise ConfigError(
                 f"model.encoder.{field.name}: {getattr(cfg, field.name)} differs from "
                 f"{cfg.init_from}/encoder.json ({getattr(saved, field.name)})"

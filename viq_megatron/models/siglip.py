@@ -241,7 +241,7 @@ def write_encoder_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / WEIGHTS_FILE))
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "init_from"}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EncoderConfig.STARTING_FIELDS}
     (out / CONFIG_FILE).write_text(json.dumps({**fields, "pooling_head": has_head}, indent=2))
 
 

@@ -37,6 +37,7 @@ def bidirectional_transformer_config(
     params_dtype: torch.dtype,
     impl: str,
     fp8: str = "off",
+    init_method_std: float = 0.02,
 ) -> TransformerConfig:
     """Pre-LayerNorm blocks with biases and tanh-GELU (SigLIP-style), no dropout."""
     return TransformerConfig(
@@ -51,6 +52,7 @@ def bidirectional_transformer_config(
         add_qkv_bias=True,
         gated_linear_unit=False,
         activation_func=gelu_tanh,
+        init_method_std=init_method_std,
         **common_config_kwargs(tensor_parallel, params_dtype, impl, fp8),
     )
 
@@ -68,6 +70,7 @@ def encoder_transformer_config(
         params_dtype,
         impl,
         fp8,
+        cfg.init_method_std,
     )
 
 
